@@ -1,0 +1,176 @@
+"""The ViT model family: exact parameter counts, names, shapes, attention maps, dropout."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+
+# Published counts (1000 classes, 224 px, class token, no pre_logits), from the ViT paper's
+# checkpoints; the small-image and Keras rows are derived in the comments below.
+EXPECTED_PARAMS = {
+    "ViT-Ti/16": 5_717_416,
+    "ViT-S/16": 22_050_664,
+    "ViT-B/16": 86_567_656,
+    "ViT-L/16": 304_326_632,
+    "ViT-H/14": 632_045_800,
+    "ViT-B/32": 88_224_232,
+    "ViT-B/8": 86_576_872,
+    "ViT-S/32": 22_878_952,
+    "ViT-L/32": 306_535_400,
+    # Ti/16 at 32 px with patch 4: the patch embedding shrinks by (16*16-4*4)*3*192 and
+    # the position table from 197 to 65 tokens: 5,717,416 - 138,240 - 25,344.
+    "ViT-Ti/4": 5_553_832,
+    "ViT-S/4": 21_723_496,
+    # Keras model.count_params() = 21,759,019, less Normalization's 7 statistics.
+    "keras-example": 21_759_012,
+}
+
+
+def test_every_registered_model_has_an_expected_count():
+  assert sorted(models.list_models()) == sorted(EXPECTED_PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_parameter_count(name):
+  num_classes = 100 if name == "keras-example" else 1000
+  model = models.create_model(name, num_classes=num_classes)
+  assert models.count_params(model, models.get_spec(name).image_size) == EXPECTED_PARAMS[name]
+
+
+def _tiny(**overrides):
+  kwargs = dict(depth=2, width=32, num_heads=2, mlp_dim=64)
+  kwargs.update(overrides)
+  return models.create_model("ViT-Ti/4", num_classes=7, **kwargs)
+
+
+def _init(model, size=16, channels=3):
+  x = jax.random.normal(jax.random.key(1), (4, size, size, channels))
+  return model.init(jax.random.key(0), x, train=False), x
+
+
+def test_parameter_names_match_published_checkpoints():
+  shapes = jax.eval_shape(lambda: models.create_model("ViT-B/16", num_classes=1000).init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))["params"]
+  flat = {"/".join(k.key for k in path): tuple(v.shape)
+          for path, v in jax.tree_util.tree_leaves_with_path(shapes)}
+  block = "Transformer/encoderblock_11"
+  assert flat["embedding/kernel"] == (16, 16, 3, 768)
+  assert flat["cls"] == (1, 1, 768)
+  assert flat["Transformer/posembed_input/pos_embedding"] == (1, 197, 768)
+  assert flat[f"{block}/MultiHeadDotProductAttention_1/query/kernel"] == (768, 12, 64)
+  assert flat[f"{block}/MultiHeadDotProductAttention_1/query/bias"] == (12, 64)
+  assert flat[f"{block}/MultiHeadDotProductAttention_1/out/kernel"] == (12, 64, 768)
+  assert flat[f"{block}/MlpBlock_3/Dense_0/kernel"] == (768, 3072)
+  assert flat[f"{block}/LayerNorm_2/scale"] == (768,)
+  assert flat["Transformer/encoder_norm/bias"] == (768,)
+  assert flat["head/kernel"] == (768, 1000)
+  assert len(flat) == 200  # 16 per block x 12, plus 8: as in the published file.
+
+
+def test_keras_example_attention_is_4x64_wide_in_a_64_wide_stream():
+  model = models.create_model("keras-example", num_classes=100)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 72, 72, 3)),
+                                             train=False))["params"]
+  attn = shapes["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]
+  assert attn["query"]["kernel"].shape == (64, 4, 64)
+  assert attn["out"]["kernel"].shape == (4, 64, 64)
+  assert shapes["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 144, 64)
+  assert shapes["head_hidden_0"]["kernel"].shape == (144 * 64, 2048)
+  assert "cls" not in shapes
+
+
+def test_pre_logits_layer():
+  model = _tiny(representation_size=24)
+  variables, x = _init(model)
+  assert variables["params"]["pre_logits"]["kernel"].shape == (32, 24)
+  _, extra = model.apply(variables, x, train=False, return_intermediates=True)
+  assert extra["pre_logits"].shape == (4, 24)
+  assert float(jnp.max(jnp.abs(extra["pre_logits"]))) <= 1.0  # tanh
+
+
+@pytest.mark.parametrize("pool,tokens,features", [("token", 17, 32), ("gap", 17, 32),
+                                                  ("flatten", 17, 17 * 32)])
+def test_output_and_attention_shapes(pool, tokens, features):
+  model = _tiny(pool=pool)
+  variables, x = _init(model)
+  logits, extra = model.apply(variables, x, train=False, return_intermediates=True)
+  assert logits.shape == (4, 7) and logits.dtype == jnp.float32
+  assert extra["pre_logits"].shape == (4, features)
+  weights = extra["attention_weights"]
+  assert len(weights) == 2
+  for w in weights:
+    assert w.shape == (4, 2, tokens, tokens)
+    np.testing.assert_allclose(np.asarray(w.sum(-1)), 1.0, rtol=1e-5)
+
+
+def test_fused_and_explicit_attention_agree():
+  model = _tiny(zero_head_init=False)
+  variables, x = _init(model)
+  fused = model.apply(variables, x, train=False)
+  explicit, _ = model.apply(variables, x, train=False, return_intermediates=True)
+  np.testing.assert_allclose(np.asarray(fused), np.asarray(explicit), rtol=1e-4, atol=1e-5)
+
+
+def test_scan_layers_matches_unrolled_blocks():
+  unrolled, scanned = _tiny(zero_head_init=False), _tiny(zero_head_init=False,
+                                                         scan_layers=True)
+  variables, x = _init(unrolled)
+  params = dict(variables["params"])
+  params["Transformer"] = dict(params["Transformer"])  # Copies: the original is used below.
+  blocks = [params["Transformer"].pop(f"encoderblock_{i}") for i in range(2)]
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *blocks)
+  params["Transformer"] = {**params["Transformer"], "encoderblock": stacked}
+  np.testing.assert_allclose(np.asarray(scanned.apply({"params": params}, x, train=False)),
+                             np.asarray(unrolled.apply(variables, x, train=False)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_params_and_different_seed_differs():
+  model = _tiny()
+  x = jnp.zeros((1, 16, 16, 3))
+  a = model.init(jax.random.key(3), x, train=False)
+  b = model.init(jax.random.key(3), x, train=False)
+  c = model.init(jax.random.key(4), x, train=False)
+  leaves = lambda v: jax.tree_util.tree_leaves(v)  # noqa: E731
+  assert all(np.array_equal(p, q) for p, q in zip(leaves(a), leaves(b)))
+  assert not np.array_equal(a["params"]["embedding"]["kernel"], c["params"]["embedding"]["kernel"])
+
+
+def test_dropout_acts_only_in_training():
+  model = _tiny(dropout_rate=0.5, attention_dropout_rate=0.5, stochastic_depth_rate=0.5,
+                head_dropout_rate=0.5, zero_head_init=False)
+  variables, x = _init(model)
+  eval1 = model.apply(variables, x, train=False)
+  eval2 = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(np.asarray(eval1), np.asarray(eval2))
+  train1 = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+  train2 = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(train1, eval1)
+  assert not np.allclose(train1, train2)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = _tiny(dtype=jnp.bfloat16, zero_head_init=False)
+  variables, x = _init(model)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+  logits = model.apply(variables, x, train=False)
+  reference = _tiny(zero_head_init=False).apply(variables, x, train=False)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), atol=0.1)
+
+
+def test_grayscale_input():
+  variables, x = _init(_tiny(), channels=1)
+  assert variables["params"]["embedding"]["kernel"].shape == (4, 4, 1, 32)
+
+
+def test_bad_inputs_raise_clear_errors():
+  model = _tiny()
+  with pytest.raises(ValueError, match=r"Image size 18x18 is not divisible by the patch "
+                                       r"size 4: set config.image_size to a multiple of 4"):
+    model.init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)), train=False)
+  with pytest.raises(ValueError, match=r"Unknown model 'ViT-X/3'. Registered models: ViT-Ti/16"):
+    models.create_model("ViT-X/3", num_classes=10)
+  with pytest.raises(ValueError, match=r"Unknown model option\(s\) \['widht'\]"):
+    models.create_model("ViT-Ti/4", num_classes=10, widht=3)

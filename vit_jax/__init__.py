@@ -1,0 +1,1 @@
+"""vit_jax: Vision Transformers in JAX/Flax (train from scratch, fine-tune, scale)."""

@@ -1,0 +1,68 @@
+"""Device mesh, shardings and multi-host start-up.
+
+One mesh axis, "data": batches are split along it; parameters are replicated over it,
+or split along it too when FSDP is on (see `param_shardings`).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Joins the processes of a multi-host run; a no-op for one process.
+
+  With no arguments on a TPU pod or under SLURM, JAX finds the cluster itself.
+  """
+  if coordinator_address or num_processes or process_id is not None:
+    # CPU processes need a collectives backend to exchange data (GPUs/TPUs have their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+
+
+def make_mesh() -> Mesh:
+  """All devices of all processes on the one data axis."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divides(batch_size: int, what: str = "config.batch_size") -> None:
+  """Stops with the numbers when a global batch does not split evenly over devices."""
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  if batch_size % n_dev:
+    lower, upper = batch_size // n_dev * n_dev, (batch_size // n_dev + 1) * n_dev
+    raise ValueError(
+        f"{what}={batch_size} does not divide evenly over {n_dev} devices "
+        f"({n_proc} process(es) x {jax.local_device_count()} local): use a multiple of "
+        f"{n_dev}, e.g. {lower or upper} or {upper}.")
+
+
+def _leaf_sharding(shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> NamedSharding:
+  """FSDP splits a leaf's largest axis that divides by the device count; else replicate."""
+  n = mesh.shape[DATA_AXIS]
+  if fsdp and n > 1:
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+      if shape[axis] % n == 0 and shape[axis] >= n:
+        spec = [None] * len(shape)
+        spec[axis] = DATA_AXIS
+        return NamedSharding(mesh, P(*spec))
+  return replicated(mesh)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh, fsdp: bool):
+  """Shardings for parameters and optimiser state (replicated, or FSDP-split)."""
+  return jax.tree_util.tree_map(lambda x: _leaf_sharding(tuple(x.shape), mesh, fsdp),
+                                abstract_tree)
