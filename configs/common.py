@@ -4,6 +4,8 @@ Every key a recipe may set lives here, so `--config.KEY=VALUE` overrides are che
 against one list (ml_collections refuses unknown keys) and the code never needs
 `config.get(key, default)`.
 """
+import dataclasses
+
 import ml_collections
 
 
@@ -50,9 +52,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- Model -----------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
   config.model.name = "ViT-Ti/4"  # See `vit_jax.models.list_models()`.
-  # Any field of vit_jax.models.VisionTransformer may be overridden here, e.g.
-  # config.model.dropout_rate = 0.1; the registry entry supplies the rest.
-  config.model.overrides = ml_collections.ConfigDict()
+  # Every field of vit_jax.models.VisionTransformer, None = the registry entry's value,
+  # e.g. --config.model.overrides.dropout_rate=0.1 or ...overrides.depth=6.
+  config.model.overrides = model_overrides()
   config.compute_dtype = "float32"  # "bfloat16" on accelerators; parameters stay float32.
 
   # --- Optimiser ---------------------------------------------------------------
@@ -104,6 +106,29 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.layer_decay = 1.0  # Layer-wise lr decay factor (1.0 = off).
   config.backbone_lr_mult = 1.0  # Backbone lr as a fraction of the head's.
   return config
+
+
+# VisionTransformer fields set from elsewhere: num_classes by the data, the rest by
+# top-level keys (compute_dtype, scan_layers, remat).
+_NOT_OVERRIDABLE = ("num_classes", "dtype", "scan_layers", "remat")
+
+
+def _field_type(annotation: str) -> type:
+  for name, kind in (("Sequence", tuple), ("bool", bool), ("float", float), ("int", int),
+                     ("str", str)):
+    if name in annotation:
+      return kind
+  raise TypeError(f"No config type for a model field annotated {annotation!r}.")
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+  """One typed, None-valued entry per VisionTransformer field (typed so the command line
+  can set it)."""
+  from vit_jax import models  # Configs import the model only for its field list.
+  return ml_collections.ConfigDict({
+      f.name: ml_collections.FieldReference(None, field_type=_field_type(str(f.type)))
+      for f in dataclasses.fields(models.VisionTransformer)
+      if f.name not in ("parent", "name", *_NOT_OVERRIDABLE)})
 
 
 def steps_for_epochs(num_examples: int, batch_size: int, num_epochs: float) -> int:

@@ -1,6 +1,41 @@
-"""Every test sees 8 simulated CPU devices, so sharded code paths run on this machine."""
+"""Shared test set-up: 8 simulated CPU devices, and the offline Fashion-MNIST build.
+
+XLA_FLAGS must be set before jax is imported, so every test sees 8 devices and the
+sharded code paths run on this machine.
+"""
 import os
+import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def fashion_manual_dir() -> pathlib.Path | None:
+  """The official Fashion-MNIST files: $VIT_JAX_FASHION_MNIST_DIR or ../shared/data/."""
+  for candidate in (os.environ.get("VIT_JAX_FASHION_MNIST_DIR"),
+                    REPO.parent / "shared" / "data" / "fashion_mnist"):
+    if candidate and (pathlib.Path(candidate) / "train-images-idx3-ubyte.gz").exists():
+      return pathlib.Path(candidate)
+  return None
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dirs(tmp_path_factory) -> tuple[str, str]:
+  """(manual_dir, data_dir) with fashion_mnist prepared once per test session (~20 s)."""
+  manual_dir = fashion_manual_dir()
+  if manual_dir is None:
+    pytest.skip("Fashion-MNIST files not found in ../shared/data/fashion_mnist (beside the "
+                "repo) or $VIT_JAX_FASHION_MNIST_DIR.")
+  from configs import common
+  from vit_jax import data
+  config = common.get_base_config()
+  config.dataset = "fashion_mnist"
+  config.manual_dir = str(manual_dir)
+  config.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  data.load_source(config, "test[:1]")
+  return config.manual_dir, config.data_dir

@@ -1,0 +1,72 @@
+r"""vit_jax command line: train, eval, predict, visualize, bench.
+
+  python main.py --config=configs/cifar100.py --workdir=workdirs/cifar100
+  python main.py --mode=eval --config=configs/cifar100.py --workdir=workdirs/cifar100
+  python main.py --config=configs/cifar100.py:keras --config.batch_size=128 --workdir=...
+
+Multi-host: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I to
+every process (found automatically on TPU pods and SLURM).
+"""
+import os
+import shutil
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:ARG].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "eval", "predict", "visualize", "bench", "export"],
+                          "What to do.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=export: the .npz file to write.")
+_WHICH = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                           "Checkpoint for eval/predict/visualize.")
+_IMAGES = flags.DEFINE_list("images", [], "--mode=predict/visualize: image files or folders.")
+_FORMAT = flags.DEFINE_enum("format", "table", ["table", "json"], "--mode=predict output.")
+_START_OVER = flags.DEFINE_bool("start_over", False,
+                                "Delete the workdir's checkpoints and logs first.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from vit_jax import parallel  # After flag parsing: importing jax is slow.
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
+  if workdir is None and mode != "bench":
+    raise app.UsageError(f"--mode={mode} needs --workdir=DIR.")
+  if mode in ("train", "eval", "bench") and config is None:
+    raise app.UsageError(f"--mode={mode} needs --config=configs/NAME.py.")
+  if mode == "train":
+    if _START_OVER.value and os.path.isdir(workdir):
+      import jax
+      if jax.process_index() == 0:
+        shutil.rmtree(workdir)
+    from vit_jax import train
+    train.train_and_evaluate(config, workdir)
+  elif mode == "eval":
+    from vit_jax import evaluate
+    evaluate.evaluate(config, workdir, _WHICH.value)
+  elif mode == "export":
+    if not _OUTPUT.value:
+      raise app.UsageError("--mode=export needs --output=PATH.npz.")
+    from vit_jax import pretrained
+    step_dir = pretrained.export_workdir(workdir, _OUTPUT.value, _WHICH.value)
+    print(f"Wrote {_OUTPUT.value} from {step_dir}.")
+  elif mode == "predict":
+    from vit_jax import predict
+    predict.predict_files(workdir, _IMAGES.value, which=_WHICH.value, fmt=_FORMAT.value)
+  elif mode == "visualize":
+    from vit_jax import visualize
+    visualize.make_pictures(workdir, _IMAGES.value, which=_WHICH.value)
+  else:
+    from vit_jax import bench
+    bench.run(config)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,154 @@
+"""The main job end to end on real Fashion-MNIST: learning, exact resume, device counts,
+multi-host equivalence, evaluation mode."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A 2-block, 32-wide ViT on 1024 training images: seconds per run.
+TINY = ["--config.train_split=train[:1024]", "--config.eval_split=test[:300]",
+        "--config.batch_size=64", "--config.eval_batch_size=64",
+        "--config.model.overrides.width=32", "--config.model.overrides.depth=2",
+        "--config.model.overrides.num_heads=2", "--config.model.overrides.mlp_dim=64",
+        "--config.optim.warmup_steps=2", "--config.log_every_steps=2"]
+
+
+def main_command(workdir, dirs, *overrides, mode="train"):
+  manual_dir, data_dir = dirs
+  return [sys.executable, str(REPO / "main.py"), f"--mode={mode}",
+          "--config=configs/fashion_mnist.py", f"--workdir={workdir}",
+          f"--config.manual_dir={manual_dir}", f"--config.data_dir={data_dir}",
+          *TINY, *overrides]
+
+
+def env_with(devices: int) -> dict:
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd, devices=8, **kwargs) -> subprocess.CompletedProcess:
+  out = subprocess.run(cmd, cwd=REPO, env=env_with(devices), capture_output=True, text=True,
+                       timeout=600, **kwargs)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out
+
+
+def metric_rows(workdir) -> list[dict]:
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  # Wall-clock rates differ between runs; everything else must match.
+  return [{k: v for k, v in r.items() if k != "train/images_per_sec"} for r in rows]
+
+
+def latest_state(workdir):
+  from vit_jax import evaluate
+  return evaluate.load_trained(str(workdir), "latest")
+
+
+def test_training_learns_fashion_mnist(fashion_mnist_dirs, tmp_path):
+  from configs import fashion_mnist
+  from vit_jax import train
+  config = fashion_mnist.get_config()
+  config.manual_dir, config.data_dir = fashion_mnist_dirs
+  config.train_split, config.eval_split = "train[:12800]", "test[:1000]"
+  config.model.overrides.update(dict(width=48, depth=2, num_heads=3, mlp_dim=96))
+  config.batch_size, config.eval_batch_size = 64, 96  # 1000 = 10 x 96 + 40: padding.
+  config.total_steps, config.log_every_steps, config.eval_every_steps = 200, 50, 100
+  config.optim.warmup_steps = 20
+  config.aug.crop, config.aug.flip, config.label_smoothing = "none", False, 0.0
+  final = train.train_and_evaluate(config, str(tmp_path))
+  rows = [r for r in metric_rows(tmp_path) if "train/loss" in r]
+  assert rows[0]["train/loss"] > 2.0 and rows[-1]["train/loss"] < 1.3
+  assert final["eval/top1"] > 0.55  # Chance is 0.10; this run reaches about 0.63.
+  assert final["eval/num_examples"] == 1000  # Every example once, the last batch padded.
+
+
+def _wait_for(path: pathlib.Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while not path.exists():
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert time.time() < deadline, f"{path} did not appear"
+    time.sleep(0.01)
+
+
+def test_resume_after_sigkill_is_bit_exact(fashion_mnist_dirs, tmp_path):
+  schedule = ["--config.total_steps=24", "--config.checkpoint_every_steps=4",
+              "--config.eval_every_steps=8",
+              "--config.aug.randaugment_layers=1", "--config.aug.mixup_alpha=0.2",
+              "--config.model.overrides.dropout_rate=0.1"]
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  run(main_command(straight, fashion_mnist_dirs, *schedule))
+
+  proc = subprocess.Popen(main_command(resumed, fashion_mnist_dirs, *schedule), cwd=REPO,
+                          env=env_with(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _wait_for(resumed / "checkpoints" / "8", proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (resumed / "final_metrics.json").exists()
+  out = run(main_command(resumed, fashion_mnist_dirs, *schedule))
+  assert "Resuming from" in out.stdout
+
+  a, b = latest_state(straight), latest_state(resumed)
+  assert a.step == b.step == 24
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert metric_rows(straight) == metric_rows(resumed)
+
+
+def test_checkpoint_restores_on_another_device_count(fashion_mnist_dirs, tmp_path):
+  overrides = ["--config.total_steps=6", "--config.checkpoint_every_steps=3",
+               "--config.eval_every_steps=6"]
+  run(main_command(tmp_path, fashion_mnist_dirs, *overrides), devices=8)
+  trained = json.load(open(tmp_path / "final_metrics.json"))
+  out = run(main_command(tmp_path, fashion_mnist_dirs, *overrides, mode="eval"), devices=2)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["eval/num_examples"] == 300
+  assert result["eval/top1"] == trained["eval/top1"]
+  assert abs(result["eval/loss"] - trained["eval/loss"]) < 1e-4
+  # Training goes on from the 8-device checkpoint on 4 devices.
+  more = run(main_command(tmp_path, fashion_mnist_dirs, "--config.total_steps=9",
+                          "--config.checkpoint_every_steps=3", "--config.eval_every_steps=9"),
+             devices=4)
+  assert "Resuming from" in more.stdout
+  assert latest_state(tmp_path).step == 9
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(fashion_mnist_dirs, tmp_path):
+  overrides = ["--config.total_steps=6", "--config.checkpoint_every_steps=6",
+               "--config.eval_every_steps=6"]
+  one = tmp_path / "one"
+  run(main_command(one, fashion_mnist_dirs, *overrides), devices=8)
+
+  two = tmp_path / "two"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      main_command(two, fashion_mnist_dirs, *overrides, f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={i}"),
+      cwd=REPO, env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+
+  rows_one, rows_two = metric_rows(one), metric_rows(two)
+  assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
+  for r1, r2 in zip(rows_one, rows_two):
+    assert r1.keys() == r2.keys()
+    for key in r1:
+      np.testing.assert_allclose(r2[key], r1[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  final = [r for r in rows_two if "eval/num_examples" in r][-1]
+  assert final["eval/num_examples"] == 300

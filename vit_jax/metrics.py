@@ -1,0 +1,92 @@
+"""Loss, top-k accuracy, exact masked evaluation sums and a host-side train-metric mean.
+
+Top-k definition (exact, deterministic): the label counts as in the top k when it is among
+the indices returned by `jax.lax.top_k(logits, k)`, which orders equal logits by lower
+class index first. Equivalently, with r = #classes whose logit is strictly larger than the
+label's + #classes with an equal logit and a smaller index, the label is in the top k iff
+r < k. So ties are broken towards the lower class index, not in the label's favour.
+k larger than the number of classes K is clipped to K (every label is then correct).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-example -sum_k targets_k * log_softmax(logits)_k, in float32.
+
+  `targets` are [B, K] probabilities (label smoothing / mixup are applied upstream).
+  The float32 cast matters for bfloat16 logits: log_softmax in bf16 loses ~3 digits.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """[B] bool: label among the top min(k, K) classes (ties: see the module docstring)."""
+  _, top = jax.lax.top_k(logits, min(k, logits.shape[-1]))
+  return jnp.any(top == labels[:, None], axis=-1)
+
+
+def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """Sums over the rows where `mask` is true, to be added across batches and devices.
+
+  Padding rows are excluded with `where`, so even NaN/Inf logits there cannot leak in.
+  Counts are int32, hence exact under addition; the loss is plain cross-entropy against
+  the one-hot labels (no smoothing).
+  """
+  mask = mask.astype(bool)
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  loss = cross_entropy(logits, one_hot)
+
+  def count(x: jax.Array) -> jax.Array:
+    return jnp.sum(x & mask, dtype=jnp.int32)
+
+  return {
+      "loss_sum": jnp.sum(jnp.where(mask, loss, 0.0)),
+      "top1_sum": count(topk_correct(logits, labels, 1)),
+      "top5_sum": count(topk_correct(logits, labels, 5)),
+      "count": jnp.sum(mask, dtype=jnp.int32),
+  }
+
+
+def finalize_eval(sums: Mapping[str, jax.Array | np.ndarray | float | int]) -> dict[str, float | int]:
+  """Means from summed `eval_sums` results, as python numbers for logging."""
+  count = int(sums["count"])
+  if count == 0:
+    raise ValueError("finalize_eval: no evaluation examples were counted (empty split?).")
+  return {
+      "eval/loss": float(sums["loss_sum"]) / count,
+      "eval/top1": int(sums["top1_sum"]) / count,
+      "eval/top5": int(sums["top5_sum"]) / count,
+      "eval/num_examples": count,
+  }
+
+
+class MeanAccumulator:
+  """Mean of per-step scalar train metrics between two log steps.
+
+  `add` only keeps references to the device arrays, so it never waits for the device;
+  `summary` fetches them all in one transfer at log time and averages in float64.
+  """
+
+  def __init__(self) -> None:
+    self._steps: list[Mapping[str, jax.Array]] = []
+
+  def __len__(self) -> int:
+    return len(self._steps)
+
+  def add(self, metrics: Mapping[str, jax.Array]) -> None:
+    self._steps.append(metrics)
+
+  def summary(self) -> dict[str, float]:
+    """{name: mean over the steps added since the last summary}; then starts afresh."""
+    if not self._steps:
+      raise ValueError("MeanAccumulator.summary: no steps were added since the last one.")
+    steps = jax.device_get(self._steps)
+    self._steps = []
+    return {name: float(np.mean([np.float64(s[name]) for s in steps])) for name in steps[0]}

@@ -1,0 +1,503 @@
+"""Fine-tuning initialisation from our runs and the published ViT `.npz` files; export.
+
+`config.init_from` names one of:
+  * a workdir of ours (with best/ or checkpoints/): its best checkpoint, else its latest;
+  * one of our checkpoint step folders (WORKDIR/checkpoints/<step> or WORKDIR/best/<step>),
+    or WORKDIR/checkpoints (WORKDIR/best) itself: its newest step;
+  * a `.npz` in the format of the published ViT checkpoints, in any of these layouts:
+      (a) vision_transformer: '/'-joined Flax paths, old child numbering (our names);
+      (b) the same under an `opt/target/` prefix;
+      (c) big_vision: a `params/` prefix, linen child numbering (`LayerNorm_0`,
+          `MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`), a top-level
+          `pos_embedding` without a class-token slot, and blocks possibly stacked under
+          `Transformer/encoderblock` with a leading depth axis (layer scan).
+Only parameters are read: the optimiser state, step, RNG and data position start fresh.
+
+Every source is first brought to one canonical form, our unscanned names
+(`Transformer/encoderblock_{i}/...`), matched against the model's parameters in that form,
+then stacked again when the model uses `scan_layers=True`; reports use canonical names.
+
+Adapting to the new task:
+  * head: a new zero head (kernel and bias) when the shape differs or
+    `config.init_head == "reset"`; "keep" with another class count is an error;
+  * pre_logits: dropped unless `config.init_pre_logits == "keep"`;
+  * position embedding: the patch grid is resampled bilinearly with corners aligned
+    (`scipy.ndimage.zoom(order=1)`, the convention of both published loaders, so fine-tuned
+    numbers stay comparable with theirs); the class-token slot is kept as it is, or keeps
+    the model's fresh initialisation when the file has none (big_vision);
+  * cls: kept fresh when the file has no class token.
+Missing parameters the model needs, and shapes that cannot be adapted (another width or
+depth layout), are errors that name the parameters and both shapes.
+
+  params, report = pretrained.load_params(config, params)   # report.to_dict() for logs
+  params = pretrained.load_into(config, params)             # prints the report
+  pretrained.export_workdir("workdirs/run", "run.npz")       # layout (a), best checkpoint
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import zipfile
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import scipy.ndimage
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+PyTree = Any
+
+POSEMB = "Transformer/posembed_input/pos_embedding"
+_STACKED = "Transformer/encoderblock/"  # Layer-scan blocks: leading depth axis.
+_PREFIXES = ("opt/target/", "params/")
+# Linen numbering of the block's children -> the old numbering that our model uses.
+# The two sets of names are disjoint, so renaming needs no detection of the layout.
+_LINEN_TO_OLD = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+                 "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
+_BLOCK_CHILD = re.compile(r"(Transformer/encoderblock_\d+/)([^/]+)(/.+)")
+_SLOT = f"{POSEMB}[class-token slot]"
+_HEAD = ("head/kernel", "head/bias")
+_NAMES_SHOWN = 12  # Per report line; to_dict() carries every name.
+
+
+class CheckpointMismatchError(ValueError):
+  """The file cannot initialise the model: missing parameters or unresolvable shapes."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What `load_params` did, in canonical (unscanned) parameter names."""
+  source: str  # The file or checkpoint folder read, and its layout.
+  loaded: list[str] = dataclasses.field(default_factory=list)  # Values from the file.
+  reinitialised: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> reason.
+  resampled: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> how.
+  missing: list[str] = dataclasses.field(default_factory=list)  # In the model, not the file.
+  unexpected: dict[str, str] = dataclasses.field(default_factory=dict)  # In the file, unused.
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def format(self) -> str:
+    lines = [f"Initialised from {self.source}:", f"  loaded: {len(self.loaded)} parameters"]
+    for title, entries in (("resampled", self.resampled),
+                           ("re-initialised", self.reinitialised),
+                           ("unexpected (in the file, not used)", self.unexpected)):
+      if entries:
+        lines.append(f"  {title}:")
+        lines += [f"    {name}: {why}" for name, why in list(entries.items())[:_NAMES_SHOWN]]
+        if len(entries) > _NAMES_SHOWN:
+          lines.append(f"    ... and {len(entries) - _NAMES_SHOWN} more")
+    if self.missing:
+      lines.append(f"  missing from the file (re-initialised above): {', '.join(self.missing)}")
+    return "\n".join(lines)
+
+
+# --- Reading the sources ---------------------------------------------------------------
+
+
+def _flatten(tree: PyTree) -> dict[str, Any]:
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _steps(folder: str) -> list[int]:
+  """Completed step folders; orbax's unfinished temporaries carry a non-numeric suffix."""
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def checkpoint_dir(path: str, which: str = "best") -> str:
+  """The step folder `path` names: itself, the newest in a folder of steps, or a workdir's
+  newest best/latest checkpoint.
+
+  `which="best"` falls back to the latest checkpoint when the run has no best one.
+  """
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}: use 'best' or 'latest'.")
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  if _steps(path):  # WORKDIR/checkpoints or WORKDIR/best itself.
+    return os.path.join(path, str(_steps(path)[-1]))
+  for kind in ((which, "latest") if which == "best" else (which,)):
+    folder = os.path.join(path, "best" if kind == "best" else "checkpoints")
+    steps = _steps(folder)
+    if steps:
+      if kind != which:
+        print(f"No best checkpoint in {path}: using the latest one.", flush=True)
+      return os.path.join(folder, str(steps[-1]))
+  raise FileNotFoundError(
+      f"{path} holds no checkpoint: expected a workdir with best/<step> or "
+      "checkpoints/<step>, a step folder with state/, or a published-format .npz file.")
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path} is not a NumPy .npz file ({type(e).__name__}: {e}); "
+                     "config.init_from takes a published-format .npz, a workdir of ours "
+                     "or one of its checkpoint folders.") from e
+  if not isinstance(npz, np.lib.npyio.NpzFile):
+    raise ValueError(f"{path} holds a single array, not a .npz of named parameters.")
+  with npz:
+    return {key: npz[key] for key in npz.files}
+
+
+def read_checkpoint_params(step_dir: str) -> dict[str, np.ndarray]:
+  """The params of one of our checkpoints as host arrays, flat, without its optimiser state.
+
+  A partial restore of the `params` subtree: the optimiser's structure (which depends on
+  the config that trained it) is never needed.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    path = epath.Path(step_dir) / "state"
+    tree = handler.metadata(path).tree
+    if "params" not in tree:
+      raise ValueError(f"{path} has no 'params' entry (found {sorted(tree)}): not a "
+                       "vit_jax training checkpoint.")
+    item = {"params": tree["params"]}
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = handler.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=as_numpy, partial_restore=True))
+  finally:
+    handler.close()
+  return _flatten(restored["params"])
+
+
+def _read(path: str) -> tuple[dict[str, np.ndarray], str]:
+  """Flat arrays of `path` (a .npz, a workdir or a step folder), and what was read."""
+  if os.path.isfile(path):
+    return _read_npz(path), f"{path} (.npz)"
+  if os.path.isdir(path):
+    step_dir = checkpoint_dir(path)
+    return read_checkpoint_params(step_dir), f"{step_dir} (our checkpoint)"
+  raise FileNotFoundError(f"config.init_from={path!r} does not exist.")
+
+
+@dataclasses.dataclass
+class _Source:
+  arrays: dict[str, np.ndarray]  # Canonical names.
+  posemb_has_slot: bool  # Whether pos_embedding starts with a class-token slot.
+  outside: dict[str, str]  # Keys outside the parameter tree -> why unused.
+  layout: str
+
+
+def _unstack(flat: dict[str, Any], take=lambda value, i: value[i]) -> dict[str, Any]:
+  """Transformer/encoderblock/X of shape (depth, ...) -> Transformer/encoderblock_{i}/X."""
+  out = {}
+  for key, value in flat.items():
+    if key.startswith(_STACKED):
+      rest = key[len(_STACKED):]
+      out.update({f"Transformer/encoderblock_{i}/{rest}": take(value, i)
+                  for i in range(value.shape[0])})
+    else:
+      out[key] = value
+  return out
+
+
+def _canonical(flat: dict[str, np.ndarray]) -> _Source:
+  """Any accepted layout -> our unscanned names with the old child numbering."""
+  notes, outside = [], {}
+  prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in flat)), "")
+  if prefix:
+    notes.append(f"'{prefix}' prefix")
+    outside = {k: f"outside the '{prefix}' parameter tree" for k in flat
+               if not k.startswith(prefix)}
+    flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  if any(k.startswith(_STACKED) for k in flat):
+    notes.append("stacked (scanned) blocks")
+    flat = _unstack(flat)
+  renamed = {}
+  for key, value in flat.items():
+    match = _BLOCK_CHILD.fullmatch(key)
+    if match and match[2] in _LINEN_TO_OLD:
+      key = match[1] + _LINEN_TO_OLD[match[2]] + match[3]
+    renamed[key] = value
+  if renamed.keys() != flat.keys():
+    notes.append("linen numbering")
+  # vision_transformer (and our) tables hold a class-token slot exactly when there is a
+  # class token; big_vision adds its top-level table before prepending cls: no slot.
+  has_slot = "cls" in renamed
+  if "pos_embedding" in renamed:
+    renamed[POSEMB] = renamed.pop("pos_embedding")
+    has_slot = False
+    notes.append("top-level pos_embedding without a class-token slot")
+  layout = "layout: " + (", ".join(notes) if notes else "published names")
+  return _Source(renamed, has_slot, outside, layout)
+
+
+# --- Matching the model ---------------------------------------------------------------
+
+
+def _shape(x) -> tuple[int, ...]:
+  return tuple(int(d) for d in x.shape)
+
+
+def _to_host(x) -> np.ndarray:
+  """A whole array on this host, also one sharded over several hosts."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _square_side(num_tokens: int, what: str) -> int:
+  side = math.isqrt(num_tokens)
+  if side * side != num_tokens:
+    raise CheckpointMismatchError(
+        f"{POSEMB}: the {what} has {num_tokens} grid positions, not a square grid; the "
+        "grid shape cannot be inferred (resample it with resample_posemb_grid first).")
+  return side
+
+
+def resample_posemb_grid(grid_HxWxD: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+  """Bilinear resampling of a position-embedding grid, corners aligned.
+
+  scipy.ndimage.zoom(order=1), as the vision_transformer and big_vision loaders do: the
+  corner embeddings stay where they are and a field linear in the position is
+  reproduced exactly; grids need not be square.
+  """
+  h, w, _ = grid_HxWxD.shape
+  out = scipy.ndimage.zoom(grid_HxWxD, (new_hw[0] / h, new_hw[1] / w, 1), order=1)
+  assert out.shape[:2] == tuple(new_hw), (out.shape, new_hw)
+  return out
+
+
+class _Matcher:
+  """Fills the model's canonical parameters from the file's, recording every decision."""
+
+  def __init__(self, source: _Source, target: dict[str, Any],
+               config: ml_collections.ConfigDict, report: LoadReport):
+    self.src, self.target, self.config, self.report = source, target, config, report
+    self.used: set[str] = set()
+    self.errors: list[str] = []
+    self.values: dict[str, np.ndarray | None] = {}  # None: keep the model's fresh value.
+
+  def load(self, name: str) -> None:
+    if name not in self.src.arrays:
+      self.report.missing.append(name)
+      self.errors.append(f"missing from the file: {name} {_shape(self.target[name])}")
+      return
+    self.used.add(name)
+    file_shape, model_shape = _shape(self.src.arrays[name]), _shape(self.target[name])
+    if file_shape != model_shape:
+      self.errors.append(f"shape mismatch: {name}: file {file_shape} vs model {model_shape}")
+      return
+    self.values[name] = np.asarray(self.src.arrays[name], self.target[name].dtype)
+    self.report.loaded.append(name)
+
+  def keep_fresh(self, name: str, reason: str) -> None:
+    if name not in self.src.arrays:
+      self.report.missing.append(name)
+    self.values[name] = None
+    self.report.reinitialised[name] = reason
+
+  def unused(self, module: str, reason: str) -> None:
+    """Marks the file's arrays of top-level `module` as deliberately not used."""
+    for name in self.src.arrays:
+      if name.split("/")[0] == module and name not in self.used:
+        self.used.add(name)
+        self.report.unexpected[name] = reason
+
+  def head(self) -> None:
+    model_shape = _shape(self.target["head/kernel"])
+    file_kernel = self.src.arrays.get("head/kernel")
+    file_shape = None if file_kernel is None else _shape(file_kernel)
+    mode = self.config.init_head
+    if mode == "keep":
+      if file_shape is not None and file_shape != model_shape:
+        raise CheckpointMismatchError(
+            f"config.init_head='keep' but the file's head/kernel is {file_shape} and the "
+            f"model's {model_shape}: the class counts differ ({file_shape[-1]} vs "
+            f"{model_shape[-1]}). Use init_head='auto' or 'reset' for a new head.")
+      for name in _HEAD:
+        self.load(name)
+      return
+    if mode == "reset":
+      reason = "config.init_head='reset'"
+    elif file_shape is None:
+      reason = "no head in the file"
+    elif file_shape != model_shape:
+      reason = f"head shape differs (file {file_shape}, model {model_shape})"
+    else:
+      for name in _HEAD:
+        self.load(name)
+      return
+    for name in _HEAD:
+      if name not in self.src.arrays:
+        self.report.missing.append(name)
+      self.values[name] = np.zeros(_shape(self.target[name]), self.target[name].dtype)
+      self.report.reinitialised[name] = f"{reason}: new zero head"
+    self.unused("head", "replaced by a new head")
+
+  def pre_logits(self) -> None:
+    names = [n for n in self.target if n.startswith("pre_logits/")]
+    if self.config.init_pre_logits == "keep":
+      if not names:
+        file_kernel = self.src.arrays.get("pre_logits/kernel")
+        size = "N" if file_kernel is None else file_kernel.shape[-1]
+        raise CheckpointMismatchError(
+            "config.init_pre_logits='keep' needs a model with a pre_logits layer: set "
+            f"config.model.overrides.representation_size={size}.")
+      for name in names:
+        self.load(name)
+      return
+    for name in names:
+      self.keep_fresh(name, "config.init_pre_logits='drop'")
+    self.unused("pre_logits", "dropped (config.init_pre_logits='drop')")
+
+  def cls(self) -> None:
+    if "cls" not in self.target:
+      self.unused("cls", "the model has no class token")
+    elif "cls" in self.src.arrays:
+      self.load("cls")
+    else:
+      self.keep_fresh("cls", "no class token in the file")
+
+  def posemb(self, model_value) -> None:
+    """The patch grid from the file, resampled if needed; the slot as decided above."""
+    if POSEMB not in self.src.arrays:
+      self.load(POSEMB)  # Reports it missing.
+      return
+    self.used.add(POSEMB)
+    file_1xNxD = np.asarray(self.src.arrays[POSEMB])
+    model_shape = _shape(self.target[POSEMB])
+    model_slot = int("cls" in self.target)
+    file_slot = int(self.src.posemb_has_slot)
+    if file_1xNxD.ndim != 3 or file_1xNxD.shape[-1] != model_shape[-1]:
+      self.errors.append(f"shape mismatch: {POSEMB}: file {_shape(file_1xNxD)} vs model "
+                         f"{model_shape}")
+      return
+    grid_1xGxD = file_1xNxD[:, file_slot:]
+    old_side = _square_side(grid_1xGxD.shape[1], "file")
+    new_side = _square_side(model_shape[1] - model_slot, "model")
+    if old_side != new_side:
+      grid_1xGxD = resample_posemb_grid(
+          grid_1xGxD.reshape(old_side, old_side, -1), (new_side, new_side)
+      ).reshape(1, new_side * new_side, -1)
+      self.report.resampled[POSEMB] = (
+          f"grid {old_side}x{old_side} -> {new_side}x{new_side} (bilinear, corners "
+          "aligned: scipy.ndimage.zoom order=1)")
+    if model_slot and file_slot:
+      slot_1xSxD = file_1xNxD[:, :1]
+    elif model_slot:
+      slot_1xSxD = _to_host(model_value)[:, :1]
+      self.report.reinitialised[_SLOT] = ("the file's pos_embedding has no class-token "
+                                          "slot: kept the model's fresh value")
+    else:
+      slot_1xSxD = file_1xNxD[:, :0]
+      if file_slot:
+        self.report.unexpected[_SLOT] = "the model has no class token"
+    dtype = self.target[POSEMB].dtype
+    self.values[POSEMB] = np.concatenate([slot_1xSxD, grid_1xGxD], axis=1).astype(dtype)
+    self.report.loaded.append(POSEMB)
+
+
+def _canonical_target(flat: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+  """The model's parameter shapes under canonical (unscanned) names."""
+  shapes = {k: jax.ShapeDtypeStruct(_shape(v), v.dtype) for k, v in flat.items()}
+  return _unstack(shapes, lambda s, _: jax.ShapeDtypeStruct(s.shape[1:], s.dtype))
+
+
+def _restack(values: dict[str, np.ndarray | None], key: str, leaf) -> np.ndarray | None:
+  """A model parameter's new value from canonical values (stacked under layer scan)."""
+  if not key.startswith(_STACKED):
+    return values[key]
+  rest = key[len(_STACKED):]
+  return np.stack([values[f"Transformer/encoderblock_{i}/{rest}"]
+                   for i in range(leaf.shape[0])])
+
+
+def _place(value: np.ndarray | None, leaf):
+  """`value` with `leaf`'s sharding (or `leaf` itself when the value is kept)."""
+  if value is None:
+    return leaf
+  if isinstance(leaf, jax.Array):
+    return jax.make_array_from_callback(value.shape, leaf.sharding, lambda idx: value[idx])
+  return value
+
+
+def load_params(config: ml_collections.ConfigDict, params: PyTree) -> tuple[PyTree, LoadReport]:
+  """`params` (a freshly initialised model) with values from `config.init_from`.
+
+  Returns the new params (same tree, shardings and dtypes) and the report. Raises
+  CheckpointMismatchError for missing parameters or unresolvable shapes.
+  """
+  flat, what = _read(config.init_from)
+  source = _canonical(flat)
+  report = LoadReport(source=f"{what}, {source.layout}")
+  model_flat = _flatten(params)
+  target = _canonical_target(model_flat)
+  matcher = _Matcher(source, target, config, report)
+  matcher.head()
+  matcher.pre_logits()
+  matcher.cls()
+  matcher.posemb(model_flat[POSEMB])
+  for name in target:
+    if name not in matcher.values and name not in report.missing:
+      matcher.load(name)
+  for name in source.arrays:
+    if name not in matcher.used:
+      report.unexpected[name] = "not in the model"
+  report.unexpected.update(source.outside)
+  if matcher.errors:
+    unused = [n for n, why in report.unexpected.items() if why == "not in the model"]
+    hint = (f"\nFile keys not used: {', '.join(unused[:_NAMES_SHOWN])}"
+            f"{' ...' if len(unused) > _NAMES_SHOWN else ''}" if unused else "")
+    raise CheckpointMismatchError(
+        f"Cannot initialise the model from {report.source}:\n  "
+        + "\n  ".join(matcher.errors) + hint)
+  new_params = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: _place(_restack(
+          matcher.values, jax.tree_util.keystr(path, simple=True, separator="/"), leaf),
+          leaf), params)
+  return new_params, report
+
+
+def load_into(config: ml_collections.ConfigDict, params: PyTree) -> PyTree:
+  """`load_params`, with the report printed and logged."""
+  new_params, report = load_params(config, params)
+  text = report.format()
+  logging.info("%s", text)
+  if jax.process_index() == 0:
+    print(text, flush=True)
+  return new_params
+
+
+# --- Export -----------------------------------------------------------------------------
+
+
+def export_npz(params: PyTree, path: str) -> int:
+  """Writes params as a published-format .npz (layout (a)), atomically; returns the count.
+
+  Keys are '/'-joined paths in our (old-numbering) names, scanned blocks unstacked into
+  encoderblock_{i}, so vision_transformer-style loaders read the file directly.
+  """
+  arrays = _unstack({k: _to_host(v) for k, v in _flatten(params).items()})
+  if jax.process_index() == 0:  # Every process gathers (a collective); one writes.
+    tmp = f"{path}.tmp"
+    # A file object, because np.savez appends ".npz" to names that lack it.
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return len(arrays)
+
+
+def export_workdir(workdir: str, path: str, which: str = "best") -> str:
+  """Exports a workdir's best (else latest) or latest checkpoint; returns the step folder.
+
+  For `main.py --mode=export --workdir=DIR --output=PATH.npz [--checkpoint=latest]`.
+  """
+  step_dir = checkpoint_dir(workdir, which)
+  count = export_npz(read_checkpoint_params(step_dir), path)
+  print(f"Exported {count} arrays of {step_dir} to {path}.", flush=True)
+  return step_dir

@@ -1,0 +1,79 @@
+"""The files that make a workdir self-describing: config.json and run.json.
+
+`config.json` is the resolved config; `run.json` what the data told the run (class
+names, stored image shape, the training set's channel mean/std). Evaluation, prediction
+and visualisation need nothing but the workdir because of them. Resuming into a workdir
+that holds another model or dataset is refused: it would mix two runs' checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+# What must match for a rerun in the same workdir to resume the run found there.
+IDENTITY_KEYS = ("dataset", "model.name", "image_size")
+
+
+class WorkdirMismatchError(ValueError):
+  pass
+
+
+def _get(config: dict, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def _atomic_write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, class_names,
+                    image_shape, mean_C: np.ndarray, std_C: np.ndarray) -> None:
+  """Checks a resumed workdir matches this run, then writes config.json and run.json."""
+  new = json.loads(config.to_json_best_effort())
+  run = {"class_names": list(class_names), "num_classes": len(class_names),
+         "image_shape": list(image_shape), "mean": np.asarray(mean_C).tolist(),
+         "std": np.asarray(std_C).tolist()}
+  old_config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(old_config_path):
+    old = load_config_dict(workdir)
+    old_run = load_run(workdir)
+    diffs = [f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in IDENTITY_KEYS
+             if _get(old, k) != _get(new, k)]
+    if old_run["num_classes"] != run["num_classes"]:
+      diffs.append(f"num_classes: {old_run['num_classes']} -> {run['num_classes']}")
+    if diffs:
+      raise WorkdirMismatchError(
+          f"Workdir {workdir} holds a run of a different model or dataset "
+          f"({'; '.join(diffs)}). Use another --workdir, or pass --start_over to delete "
+          "its checkpoints and train from scratch.")
+  if jax.process_index() == 0:
+    _atomic_write_json(old_config_path, new)
+    _atomic_write_json(os.path.join(workdir, "run.json"), run)
+
+
+def load_config_dict(workdir: str) -> dict:
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(load_config_dict(workdir))
+
+
+def load_run(workdir: str) -> dict:
+  path = os.path.join(workdir, "run.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {workdir} is not a vit_jax training workdir (train into it "
+        "with main.py --mode=train first).")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)

@@ -1,0 +1,90 @@
+"""The jitted train and eval steps, sharded over the mesh.
+
+The batch arrives as uint8 images sharded along the data axis; augmentation, the forward
+and backward pass and the optimiser update run in one compiled program. The state is
+donated (updated in place) and nothing is fetched to the host here: the loop pulls the
+returned scalars only every `log_every_steps`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from vit_jax import augment, metrics, models, optim, parallel
+from vit_jax.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: models.VisionTransformer,
+                    tx: optax.GradientTransformation, mesh: Mesh, shardings: TrainState, *,
+                    num_classes: int, mean_C: np.ndarray, std_C: np.ndarray
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """(state, batch) -> (state, {"loss", "grad_norm", "finite"}) as one jitted program."""
+  mean_C, std_C = jnp.asarray(mean_C, jnp.float32), jnp.asarray(std_C, jnp.float32)
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    aug_key, dropout_key = jax.random.split(step_key)
+    images_BxSxSxC, targets_BxK = augment.train_preprocess(
+        aug_key, batch["image"], batch["label"], config.aug, image_size=config.image_size,
+        num_classes=num_classes, label_smoothing=config.label_smoothing,
+        mean_C=mean_C, std_C=std_C)
+
+    def loss_fn(params, micro: Batch, micro_index: jax.Array):
+      logits_BxK = model.apply(
+          {"params": params}, micro["images"], train=True,
+          rngs={"dropout": jax.random.fold_in(dropout_key, micro_index)})
+      return metrics.cross_entropy(logits_BxK, micro["targets"]).mean(), {}
+
+    (loss, _), grads = optim.accumulate_gradients(
+        jax.value_and_grad(loss_fn, has_aux=True), state.params, {"images": images_BxSxSxC, "targets": targets_BxK},
+        config.optim.accum_steps)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient never reaches the state: the update is dropped, and
+    # the loop stops (on_nonfinite="stop") or carries on ("skip").
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+  return jax.jit(train_step,
+                 in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(shardings, parallel.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: models.VisionTransformer,
+                   mesh: Mesh, param_shardings, *, mean_C: np.ndarray, std_C: np.ndarray
+                   ) -> Callable[[object, Batch], dict]:
+  """(params, batch with mask) -> masked sums of loss, top-1, top-5 and count."""
+  mean_C, std_C = jnp.asarray(mean_C, jnp.float32), jnp.asarray(std_C, jnp.float32)
+
+  def eval_step(params, batch: Batch) -> dict:
+    images_BxSxSxC = augment.eval_preprocess(batch["image"], config.aug,
+                                             image_size=config.image_size,
+                                             mean_C=mean_C, std_C=std_C)
+    logits_BxK = model.apply({"params": params}, images_BxSxSxC, train=False)
+    return metrics.eval_sums(logits_BxK, batch["label"], batch["mask"])
+
+  return jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def run_eval(eval_step, params, batches) -> dict:
+  """Sums over every batch on the device, then one fetch: every example counted once."""
+  total = None
+  for batch in batches:
+    sums = eval_step(params, batch)
+    total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
+  return metrics.finalize_eval(jax.device_get(total))
