@@ -1,0 +1,185 @@
+r"""Top-5 predictions for image files, from nothing but a training workdir.
+
+  python main.py --mode=predict --workdir=DIR --images=shoe.jpg,more_images/ [--format=json]
+
+Each file goes through the evaluation pipeline: decoded with PIL as data.py decodes folder
+images, converted to the channels the model was trained on (run.json `image_shape`: L for
+1, RGB for 3), resized on the host to the stored size, then `augment.eval_preprocess` and
+the model, in batches under one jitted program. Files that cannot be read are reported by
+name and skipped; the command fails only when none could be read.
+
+Public API:
+  predict_files(workdir, images, which="best", fmt="table") -> list of result dicts
+      {"image": PATH, "top5": [{"label": NAME, "prob": P}, ...]} or {"image": PATH,
+      "error": MESSAGE}; prints them as a table or as JSON lines.
+  expand_paths(images) -> files: folders replaced by their jpg/jpeg/png files, sorted.
+  read_image(path, image_shape) -> uint8 [H, W, C] as the model's input pipeline stores it.
+  read_images(paths, image_shape) -> (readable paths, uint8 [N, H, W, C], {path: error}).
+  make_forward(trained, attention=False) -> jitted (params, uint8 images) -> probabilities
+      [, attention weights]; run_batched(forward, params, images, batch_size) runs it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from vit_jax import augment, data, evaluate, run_files
+
+TOP_K = 5
+
+
+class NoReadableImageError(ValueError):
+  pass
+
+
+def expand_paths(images: Sequence[str]) -> list[str]:
+  """Files as given, folders replaced by their image files (sorted by name).
+
+  Paths that do not exist are kept, so that they are reported as missing.
+  """
+  files = []
+  for path in images:
+    if os.path.isdir(path):
+      files.extend(os.path.join(path, name) for name in sorted(os.listdir(path))
+                   if name.lower().endswith(data.IMAGE_EXTENSIONS) and not name.startswith("."))
+    else:
+      files.append(path)
+  return files
+
+
+def read_image(path: str, image_shape: Sequence[int]) -> np.ndarray:
+  """uint8 [H, W, C] of the stored `image_shape`, decoded and resized as data.py does.
+
+  Raises ValueError (naming the file) when it is missing or not a readable image.
+  """
+  height, width, channels = image_shape
+  if height != width:
+    raise ValueError(f"Stored image shape {list(image_shape)} is not square: data.py only "
+                     "stores square images, so this workdir was not made by it.")
+  # data._decode_file is private to data.py; reused so that files are decoded and resized
+  # exactly like the folder datasets the model may have been trained on.
+  image = data._decode_file(path, height)  # pylint: disable=protected-access
+  return to_channels(image, channels)
+
+
+def to_channels(image_HxWxC: np.ndarray, channels: int) -> np.ndarray:
+  """Grey to RGB by repeating (as data.py does for mixed folders), RGB to grey as PIL's L."""
+  if image_HxWxC.shape[-1] == channels:
+    return image_HxWxC
+  if channels == 3:
+    return np.repeat(image_HxWxC, 3, axis=-1)
+  grey_HxW = np.asarray(Image.fromarray(image_HxWxC).convert("L"))
+  return grey_HxW[..., None]
+
+
+def read_images(paths: Sequence[str], image_shape: Sequence[int]
+                ) -> tuple[list[str], np.ndarray, dict[str, str]]:
+  """The readable paths, their images stacked (uint8 [N, H, W, C]), and {path: error}."""
+  readable, images, errors = [], [], {}
+  for path in paths:
+    try:
+      images.append(read_image(path, image_shape))
+      readable.append(path)
+    except ValueError as e:
+      errors[path] = str(e)
+  stacked = np.stack(images) if images else np.zeros((0, *image_shape), np.uint8)
+  return readable, stacked, errors
+
+
+def make_forward(trained: evaluate.Trained, attention: bool = False) -> Callable:
+  """Jitted (params, uint8 B x H x W x C) -> softmax B x K [, attention weights per layer]."""
+  config, model = trained.config, trained.model
+  mean_C = jnp.asarray(trained.mean_C, jnp.float32)
+  std_C = jnp.asarray(trained.std_C, jnp.float32)
+
+  def forward(params, images_BxHxWxC: jax.Array):
+    x_BxSxSxC = augment.eval_preprocess(images_BxHxWxC, config.aug,
+                                        image_size=config.image_size, mean_C=mean_C,
+                                        std_C=std_C)
+    if not attention:
+      return jax.nn.softmax(model.apply({"params": params}, x_BxSxSxC, train=False))
+    logits_BxK, extra = model.apply({"params": params}, x_BxSxSxC, train=False,
+                                    return_intermediates=True)
+    return jax.nn.softmax(logits_BxK), extra["attention_weights"]
+
+  return jax.jit(forward)
+
+
+def run_batched(forward: Callable, params, images_NxHxWxC: np.ndarray, batch_size: int):
+  """`forward` over batches of min(N, batch_size), the last padded: one compilation."""
+  n = len(images_NxHxWxC)
+  batch = max(1, min(n, batch_size))
+  outputs = []
+  for start in range(0, n, batch):
+    chunk = images_NxHxWxC[start:start + batch]
+    padded = np.zeros((batch, *chunk.shape[1:]), chunk.dtype)
+    padded[:len(chunk)] = chunk
+    out = jax.device_get(forward(params, padded))
+    outputs.append(jax.tree_util.tree_map(lambda x, k=len(chunk): x[:k], out))
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outputs)
+
+
+def top_k(probs_K: np.ndarray, class_names: Sequence[str], k: int = TOP_K) -> list[dict]:
+  """The k (at most K) likeliest classes, likeliest first."""
+  order = np.argsort(-probs_K, kind="stable")[:k]
+  return [{"label": class_names[i], "prob": round(float(probs_K[i]), 6)} for i in order]
+
+
+def format_table(results: Sequence[dict]) -> str:
+  """One block per predicted image: its path, then rank, probability and label per line.
+
+  Errors are left out: they have gone to stderr already.
+  """
+  blocks = []
+  for result in results:
+    if "top5" in result:
+      lines = [f"  {rank}. {entry['prob']:8.2%}  {entry['label']}"
+               for rank, entry in enumerate(result["top5"], 1)]
+      blocks.append("\n".join([result["image"], *lines]))
+  return "\n\n".join(blocks)
+
+
+def _probabilities(workdir: str, which: str, images_NxHxWxC: np.ndarray) -> np.ndarray:
+  trained = evaluate.load_trained(workdir, which)
+  return run_batched(make_forward(trained), trained.params, images_NxHxWxC,
+                     trained.config.eval_batch_size)
+
+
+def predict_files(workdir: str, images: Sequence[str], which: str = "best",
+                  fmt: str = "table") -> list[dict]:
+  """Top-5 classes of each image file (folders expand to their images), printed in `fmt`.
+
+  Unreadable files get an error result (and a stderr line) and the others still get
+  predictions. Raises NoReadableImageError when no image at all could be read.
+  """
+  if fmt not in ("table", "json"):
+    raise ValueError(f"fmt={fmt!r}: use 'table' or 'json'.")
+  paths = expand_paths(images)
+  if not paths:
+    raise NoReadableImageError(
+        f"No image files in {list(images)}: pass files, or folders of "
+        f"{'/'.join(data.IMAGE_EXTENSIONS)} files (--images=a.jpg,folder/).")
+  run = run_files.load_run(workdir)
+  readable, images_NxHxWxC, errors = read_images(paths, run["image_shape"])
+  for error in errors.values():
+    print(error, file=sys.stderr, flush=True)
+  probs = {}
+  if readable:
+    probs = dict(zip(readable, _probabilities(workdir, which, images_NxHxWxC)))
+  results = [{"image": path, "error": errors[path]} if path in errors else
+             {"image": path, "top5": top_k(probs[path], run["class_names"])}
+             for path in paths]
+  if fmt == "json":
+    print("\n".join(json.dumps(r) for r in results), flush=True)
+  elif readable:
+    print(format_table(results), flush=True)
+  if not readable:
+    raise NoReadableImageError(f"None of the {len(paths)} images could be read.")
+  return results
