@@ -9,9 +9,12 @@ every process (found automatically on TPU pods and SLURM).
 """
 import os
 import shutil
+import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vit_jax import config_check
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:ARG].",
                                           lock_config=True)
@@ -25,15 +28,48 @@ _WHICH = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
 _IMAGES = flags.DEFINE_list("images", [], "--mode=predict/visualize: image files or folders.")
 _FORMAT = flags.DEFINE_enum("format", "table", ["table", "json"], "--mode=predict output.")
 _START_OVER = flags.DEFINE_bool("start_over", False,
-                                "Delete the workdir's checkpoints and logs first.")
+                                "Delete the workdir's run (checkpoints, logs, pictures) first.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
+# What a run writes into its workdir: --start_over deletes these and nothing else.
+_RUN_ENTRIES = ("checkpoints", "best", "tensorboard", "pictures", "metrics.jsonl",
+                "config.json", "run.json", "final_metrics.json")
+
+
+def _start_over(workdir: str) -> None:
+  import jax
+  from jax.experimental import multihost_utils
+  if jax.process_index() == 0 and os.path.isdir(workdir):
+    for entry in _RUN_ENTRIES:
+      path = os.path.join(workdir, entry)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+  # No process may look at the workdir before process 0 has emptied it.
+  multihost_utils.sync_global_devices("start_over")
+
+
 def main(argv):
+  from vit_jax import checkpoints, predict, pretrained, run_files, train
+  # Mistakes a user can fix: one clear line and exit status 1, not a traceback.
+  user_errors = (config_check.ConfigError, run_files.WorkdirMismatchError,
+                 checkpoints.UnreadableCheckpointError, pretrained.CheckpointMismatchError,
+                 predict.NoReadableImageError, train.NonFiniteLossError)
+  try:
+    _run(argv)
+  except user_errors as e:
+    sys.exit(f"ERROR: {e}")
+
+
+def _run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step at INFO.
   from vit_jax import parallel  # After flag parsing: importing jax is slow.
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
@@ -41,11 +77,11 @@ def main(argv):
     raise app.UsageError(f"--mode={mode} needs --workdir=DIR.")
   if mode in ("train", "eval", "bench") and config is None:
     raise app.UsageError(f"--mode={mode} needs --config=configs/NAME.py.")
+  if config is not None:
+    config_check.validate(config)  # Every mode: before any data or device work.
   if mode == "train":
-    if _START_OVER.value and os.path.isdir(workdir):
-      import jax
-      if jax.process_index() == 0:
-        shutil.rmtree(workdir)
+    if _START_OVER.value:
+      _start_over(workdir)
     from vit_jax import train
     train.train_and_evaluate(config, workdir)
   elif mode == "eval":
@@ -69,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_check.parse_flags)

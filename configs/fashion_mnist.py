@@ -5,11 +5,13 @@ The real dataset we can measure on offline: TFDS builds it from the official fil
   python main.py --config=configs/fashion_mnist.py --workdir=workdirs/fmnist \
       --config.manual_dir=../shared/data/fashion_mnist
 
-  Expected: see README "Results" (measured on a 2-core CPU with the command above).
+  Expected: 83.6% top-1, 99.6% top-5 on the 10,000 test images (measured 2026-11-21,
+  seed 0). Time: 1,172 steps of 256; 45 min on a 2-core CPU shared with other jobs
+  (90-140 img/s), about 17 min alone (300 img/s).
 
-A 4-block, 128-wide ViT on 7x7 patches of 4x4 pixels plus a class token (0.8M params),
+A 4-block, 128-wide ViT on 7x7 patches of 4x4 pixels plus a class token (0.54M params),
 random crop with 2 px padding and horizontal flip, AdamW lr 2e-3 with warmup and cosine
-decay, label smoothing 0.1, 10 epochs of batch 256.
+decay, label smoothing 0.1, 5 epochs of batch 256.
 """
 import ml_collections
 
@@ -40,7 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 200
   config.optim.grad_clip_norm = 1.0
   config.batch_size = 256
-  config.num_epochs = 10.0
+  config.num_epochs = 5.0
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500

@@ -10,10 +10,11 @@ Train order (each op only when enabled):
   -> rotate+zoom (one affine warp) -> RandAugment -> normalise -> random erasing
   -> mixup/cutmix.
 The Keras origin runs Normalization -> Resizing -> RandomFlip -> RandomRotation ->
-RandomZoom. Normalising last is the same map: bilinear resampling with reflect fill makes
-every output pixel a convex combination of input pixels, and a per-channel affine
-normalisation commutes with it, so only float rounding differs. It also lets RandAugment see
-the 0..255 pixel range its ops are defined on.
+RandomZoom. This is the same map up to float rounding: bilinear resampling with reflect fill
+makes every output pixel a convex combination of input pixels, so a per-channel affine
+normalisation commutes with it, and the (mirror-symmetric) resize commutes with the flip.
+Normalising last lets RandAugment see the 0..255 pixels its ops are defined on; flipping
+before an upsizing resize moves fewer pixels.
 """
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ def train_preprocess(rng: jax.Array, images_BxHxWxC: jax.Array, labels_B: jax.Ar
   by `aug.normalize == "dataset"`.
   """
   # One key per op, split the same way whatever is enabled: turning an op on or off leaves
-  # the randomness of the others unchanged.
+  # the randomness of the others unchanged. Each op then draws all it needs at once (one
+  # uniform and/or one bits call): every jax.random call is a threefry loop that costs
+  # compile and run time.
   crop_key, flip_key, warp_key, ra_key, erase_key, mix_key = jax.random.split(rng, 6)
   x_BxHxWxC = images_BxHxWxC.astype(jnp.float32)
 
@@ -115,6 +118,20 @@ def _smooth_one_hot(labels_B: jax.Array, num_classes: int, label_smoothing: floa
   return one_hot_BxK * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
+def _lerp(u: jax.Array, low: float, high: float) -> jax.Array:
+  """Maps uniform [0, 1) draws to [low, high)."""
+  return low + u * (high - low)
+
+
+def _randint(bits: jax.Array, high: jax.Array | int) -> jax.Array:
+  """Maps random uint32 words to integers in [0, high) (bias below high / 2**32).
+
+  Integer remainder also counts as expensive for XLA, so the per-image result is computed
+  once rather than fused into, and recomputed by, every per-pixel loop that reads it.
+  """
+  return (bits % jnp.asarray(high, jnp.uint32)).astype(jnp.int32)
+
+
 # --- Geometry ---------------------------------------------------------------------------
 
 
@@ -149,15 +166,16 @@ def warp_affine(images_BxHxWxC: jax.Array, matrix_Bx2x3: jax.Array, out_hw: tupl
   fx_BxHxWx1 = jnp.clip(x_BxHxW - x0_BxHxW, 0.0, 1.0)[..., None]
   fy_BxHxWx1 = jnp.clip(y_BxHxW - y0_BxHxW, 0.0, 1.0)[..., None]
 
-  # One flat gather over the batch: XLA's CPU gather is cheapest on a 2-D operand.
+  # Flat per-image gathers, vmapped: XLA's CPU gather is cheapest on a 2-D operand, and the
+  # batch dimension stays explicit, so a batch-sharded input is gathered shard-locally.
   padded_w = width + 2
-  flat_NxC = padded_BxHxWxC.reshape(-1, channels)
-  batch_Bx1x1 = jnp.arange(batch, dtype=jnp.int32)[:, None, None]
-  top_left_BxHxW = ((batch_Bx1x1 * (height + 2) + y0_BxHxW.astype(jnp.int32) + 1) * padded_w
+  flat_BxNxC = padded_BxHxWxC.reshape(batch, -1, channels)
+  top_left_BxHxW = ((y0_BxHxW.astype(jnp.int32) + 1) * padded_w
                     + x0_BxHxW.astype(jnp.int32) + 1)
 
   def tap(index_BxHxW: jax.Array) -> jax.Array:
-    return flat_NxC.at[index_BxHxW].get(mode="promise_in_bounds")
+    return jax.vmap(lambda flat_NxC, index_HxW: flat_NxC.at[index_HxW].get(
+        mode="promise_in_bounds"))(flat_BxNxC, index_BxHxW)
 
   top_BxHxWxC = tap(top_left_BxHxW) * (1 - fx_BxHxWx1) + tap(top_left_BxHxW + 1) * fx_BxHxWx1
   bottom_BxHxWxC = (tap(top_left_BxHxW + padded_w) * (1 - fx_BxHxWx1)
@@ -211,11 +229,9 @@ def _random_rotate_zoom(key: jax.Array, x_BxSxSxC: jax.Array, rotate: float,
   Keras warps twice (map_coordinates per layer); one composed warp is a single gather.
   """
   batch, height, width, _ = x_BxSxSxC.shape
-  angle_key, zoom_y_key, zoom_x_key = jax.random.split(key, 3)
-  max_angle = rotate * 2 * math.pi
-  angle_B = jax.random.uniform(angle_key, (batch,), minval=-max_angle, maxval=max_angle)
-  zoom_y_B = jax.random.uniform(zoom_y_key, (batch,), minval=1 - zoom, maxval=1 + zoom)
-  zoom_x_B = jax.random.uniform(zoom_x_key, (batch,), minval=1 - zoom, maxval=1 + zoom)
+  u_Bx3 = jax.random.uniform(key, (batch, 3), minval=-1.0, maxval=1.0)
+  angle_B = u_Bx3[:, 0] * rotate * 2 * math.pi
+  zoom_y_B, zoom_x_B = 1 + u_Bx3[:, 1] * zoom, 1 + u_Bx3[:, 2] * zoom
   matrix_Bx2x3 = rotation_zoom_matrix(angle_B, zoom_y_B, zoom_x_B, height, width)
   return warp_affine(x_BxSxSxC, matrix_Bx2x3, (height, width), fill="reflect")
 
@@ -230,14 +246,15 @@ def _resize(x_BxHxWxC: jax.Array, image_size: int) -> jax.Array:
 
 def _random_flip(key: jax.Array, x_BxHxWxC: jax.Array) -> jax.Array:
   """Horizontal flip of each image with probability 1/2."""
-  flip_Bx1x1x1 = jax.random.bernoulli(key, 0.5, (x_BxHxWxC.shape[0], 1, 1, 1))
+  bits_B = jax.random.bits(key, (x_BxHxWxC.shape[0],), jnp.uint32)
+  flip_Bx1x1x1 = (_randint(bits_B, 2) == 1)[:, None, None, None]
   return jnp.where(flip_Bx1x1x1, x_BxHxWxC[:, :, ::-1], x_BxHxWxC)
 
 
 def _pad_crop(key: jax.Array, x_BxHxWxC: jax.Array, padding: int) -> jax.Array:
   """Zero-pads by `padding` and takes a random H x W window per image (CIFAR standard)."""
   batch, height, width, channels = x_BxHxWxC.shape
-  offsets_Bx2 = jax.random.randint(key, (batch, 2), 0, 2 * padding + 1)
+  offsets_Bx2 = _randint(jax.random.bits(key, (batch, 2), jnp.uint32), 2 * padding + 1)
   padded = jnp.pad(x_BxHxWxC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
   def crop(image_HxWxC: jax.Array, offset_2: jax.Array) -> jax.Array:
@@ -255,12 +272,10 @@ def _inception_crop(key: jax.Array, x_BxHxWxC: jax.Array, image_size: int,
   if none fits, the whole image. Boxes are continuous rather than rounded to pixels.
   """
   batch, height, width, _ = x_BxHxWxC.shape
-  area_key, ratio_key, y_key, x_key = jax.random.split(key, 4)
-  shape = (batch, _ATTEMPTS)
-  area_BxA = jax.random.uniform(area_key, shape, minval=scale[0], maxval=scale[1]) * height * width
+  u_BxU = jax.random.uniform(key, (batch, 2 * _ATTEMPTS + 2))
+  area_BxA = _lerp(u_BxU[:, :_ATTEMPTS], *scale) * height * width
   log_ratio = (math.log(_INCEPTION_RATIO[0]), math.log(_INCEPTION_RATIO[1]))
-  ratio_BxA = jnp.exp(jax.random.uniform(ratio_key, shape, minval=log_ratio[0],
-                                         maxval=log_ratio[1]))
+  ratio_BxA = jnp.exp(_lerp(u_BxU[:, _ATTEMPTS:2 * _ATTEMPTS], *log_ratio))
   box_w_BxA = jnp.sqrt(area_BxA * ratio_BxA)
   box_h_BxA = jnp.sqrt(area_BxA / ratio_BxA)
   fits_BxA = (box_w_BxA <= width) & (box_h_BxA <= height)
@@ -268,8 +283,8 @@ def _inception_crop(key: jax.Array, x_BxHxWxC: jax.Array, image_size: int,
   any_fits_B = fits_BxA.any(axis=1)
   box_w_B = jnp.where(any_fits_B, jnp.take_along_axis(box_w_BxA, first_Bx1, 1)[:, 0], width)
   box_h_B = jnp.where(any_fits_B, jnp.take_along_axis(box_h_BxA, first_Bx1, 1)[:, 0], height)
-  top_B = jax.random.uniform(y_key, (batch,)) * (height - box_h_B)
-  left_B = jax.random.uniform(x_key, (batch,)) * (width - box_w_B)
+  top_B = u_BxU[:, -2] * (height - box_h_B)
+  left_B = u_BxU[:, -1] * (width - box_w_B)
 
   # Output pixel centre (i + 0.5) / S of the box, in input pixel-centre coordinates.
   scale_x_B, scale_y_B = box_w_B / image_size, box_h_B / image_size
@@ -287,7 +302,9 @@ def _normalize(x_BxSxSxC: jax.Array, mode: str, mean_C: jax.Array | None,
                std_C: jax.Array | None) -> jax.Array:
   """Maps 0..255 pixels to the model's input range."""
   if mode == "minus_one_one":
-    return x_BxSxSxC / 127.5 - 1.0
+    # Centred first: XLA turns the division into a multiply by a rounded reciprocal, and
+    # x / 127.5 - 1 would then give 1.0000001 for 255.
+    return (x_BxSxSxC - 127.5) / 127.5
   if mode == "imagenet":
     if x_BxSxSxC.shape[-1] != 3:
       raise ValueError("aug.normalize='imagenet' needs RGB images; use 'dataset' or "
@@ -309,24 +326,23 @@ def _random_erasing(key: jax.Array, x_BxSxSxC: jax.Array, prob: float) -> jax.Ar
   rectangle of area fraction ~ U(0.02, 1/3) and log-uniform aspect in [0.3, 3.3] is
   replaced by zero-mean unit-variance noise (`_unit_noise`) in normalised space.
   """
-  batch, height, width, channels = x_BxSxSxC.shape
-  apply_key, area_key, ratio_key, y_key, x_key, noise_key = jax.random.split(key, 6)
-  shape = (batch, _ATTEMPTS)
-  area_BxA = jax.random.uniform(area_key, shape, minval=_ERASE_AREA[0],
-                                maxval=_ERASE_AREA[1]) * height * width
-  log_ratio_BxA = jax.random.uniform(ratio_key, shape, minval=math.log(_ERASE_RATIO[0]),
-                                     maxval=math.log(_ERASE_RATIO[1]))
-  ratio_BxA = jnp.exp(log_ratio_BxA)
+  batch, height, width, _ = x_BxSxSxC.shape
+  box_key, corner_key, noise_key = jax.random.split(key, 3)
+  u_BxU = jax.random.uniform(box_key, (batch, 2 * _ATTEMPTS + 1))
+  area_BxA = _lerp(u_BxU[:, :_ATTEMPTS], *_ERASE_AREA) * height * width
+  ratio_BxA = jnp.exp(_lerp(u_BxU[:, _ATTEMPTS:2 * _ATTEMPTS], math.log(_ERASE_RATIO[0]),
+                            math.log(_ERASE_RATIO[1])))
   box_h_BxA = jnp.round(jnp.sqrt(area_BxA * ratio_BxA)).astype(jnp.int32)
   box_w_BxA = jnp.round(jnp.sqrt(area_BxA / ratio_BxA)).astype(jnp.int32)
   # timm keeps the first proposal strictly smaller than the image; none means no erasing.
   fits_BxA = (box_h_BxA < height) & (box_w_BxA < width)
   first_Bx1 = jnp.argmax(fits_BxA, axis=1)[:, None]
-  apply_B = jax.random.bernoulli(apply_key, prob, (batch,)) & fits_BxA.any(axis=1)
+  apply_B = (u_BxU[:, -1] < prob) & fits_BxA.any(axis=1)
   box_h_B = jnp.take_along_axis(box_h_BxA, first_Bx1, 1)[:, 0]
   box_w_B = jnp.take_along_axis(box_w_BxA, first_Bx1, 1)[:, 0]
-  top_B = jax.random.randint(y_key, (batch,), 0, height - box_h_B + 1)
-  left_B = jax.random.randint(x_key, (batch,), 0, width - box_w_B + 1)
+  corner_bits_Bx2 = jax.random.bits(corner_key, (batch, 2), jnp.uint32)
+  top_B = _randint(corner_bits_Bx2[:, 0], height - box_h_B + 1)
+  left_B = _randint(corner_bits_Bx2[:, 1], width - box_w_B + 1)
 
   rows_1xSx1 = jnp.arange(height)[None, :, None]
   cols_1x1xS = jnp.arange(width)[None, None, :]
@@ -359,34 +375,33 @@ def _mixup_cutmix(key: jax.Array, x_BxSxSxC: jax.Array, targets_BxK: jax.Array,
   """timm Mixup in "batch" mode: one lambda per batch, each image mixed with x[::-1].
 
   With probability mix_prob the batch is mixed; with both alphas set, cutmix is chosen with
-  probability mix_switch_prob. Mixup: x = lam x + (1 - lam) x_flip, lam ~ Beta(a, a).
-  Cutmix pastes a box of x_flip with sides sqrt(1 - lam) * S (clipped at the border) and
-  sets lam to the unpasted area fraction. Targets mix with the same lam.
+  probability mix_switch_prob. lam ~ Beta(alpha, alpha) of the chosen op. Mixup:
+  x = lam x + (1 - lam) x_flip. Cutmix pastes a box of x_flip with sides
+  sqrt(1 - lam) * S (clipped at the border) and sets lam to the unpasted area fraction.
+  Targets mix with the same lam.
   """
   batch, height, width, _ = x_BxSxSxC.shape
-  mix_key, switch_key, mixup_key, cutmix_key, y_key, x_key = jax.random.split(key, 6)
-  mix = jax.random.uniform(mix_key) < aug.mix_prob
+  uniform_key, center_key, beta_key = jax.random.split(key, 3)
+  u_2 = jax.random.uniform(uniform_key, (2,))
+  mix = u_2[0] < aug.mix_prob
   if aug.mixup_alpha and aug.cutmix_alpha:
-    use_cutmix = jax.random.uniform(switch_key) < aug.mix_switch_prob
+    use_cutmix = u_2[1] < aug.mix_switch_prob
   else:
     use_cutmix = jnp.asarray(bool(aug.cutmix_alpha))
-  # Unused branches get lam = 1, which leaves images and targets exactly unchanged.
-  lam_mixup = jnp.float32(1.0)
-  if aug.mixup_alpha:
-    lam_mixup = jax.random.beta(mixup_key, aug.mixup_alpha, aug.mixup_alpha)
-    lam_mixup = jnp.where(mix & ~use_cutmix, lam_mixup, 1.0)
+  # One Beta draw whatever the op: each jax.random.beta adds seconds of compile time.
+  alpha = jnp.where(use_cutmix, aug.cutmix_alpha, aug.mixup_alpha)
+  lam = jnp.where(mix, jax.random.beta(beta_key, alpha, alpha), 1.0)
+  # The op not chosen gets lam = 1, which leaves images and targets exactly unchanged.
+  lam_mixup = jnp.where(use_cutmix, 1.0, lam)
   x_flip_BxSxSxC = x_BxSxSxC[::-1]
   mixed_BxSxSxC = x_BxSxSxC * lam_mixup + x_flip_BxSxSxC * (1 - lam_mixup)
-  lam = lam_mixup
 
   if aug.cutmix_alpha:
-    lam_cutmix = jax.random.beta(cutmix_key, aug.cutmix_alpha, aug.cutmix_alpha)
-    lam_cutmix = jnp.where(mix & use_cutmix, lam_cutmix, 1.0)
-    cut_rat = jnp.sqrt(1.0 - lam_cutmix)
+    cut_rat = jnp.sqrt(1.0 - jnp.where(use_cutmix, lam, 1.0))
     cut_h = jnp.floor(height * cut_rat).astype(jnp.int32)
     cut_w = jnp.floor(width * cut_rat).astype(jnp.int32)
-    cy = jax.random.randint(y_key, (), 0, height)
-    cx = jax.random.randint(x_key, (), 0, width)
+    center_bits_2 = jax.random.bits(center_key, (2,), jnp.uint32)
+    cy, cx = _randint(center_bits_2[0], height), _randint(center_bits_2[1], width)
     y_lo, y_hi = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
     x_lo, x_hi = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
     rows_Sx1 = jnp.arange(height)[:, None]
@@ -394,7 +409,7 @@ def _mixup_cutmix(key: jax.Array, x_BxSxSxC: jax.Array, targets_BxK: jax.Array,
     box_SxS = (rows_Sx1 >= y_lo) & (rows_Sx1 < y_hi) & (cols_1xS >= x_lo) & (cols_1xS < x_hi)
     mixed_BxSxSxC = jnp.where(box_SxS[None, :, :, None], x_flip_BxSxSxC, mixed_BxSxSxC)
     box_fraction = ((y_hi - y_lo) * (x_hi - x_lo)).astype(jnp.float32) / (height * width)
-    lam = jnp.where(mix & use_cutmix, 1.0 - box_fraction, lam)
+    lam = jnp.where(use_cutmix, 1.0 - box_fraction, lam)
 
   targets_BxK = targets_BxK * lam + targets_BxK[::-1] * (1 - lam)
   return mixed_BxSxSxC, targets_BxK
@@ -420,10 +435,9 @@ def _rand_augment(key: jax.Array, x_BxSxSxC: jax.Array, num_layers: int,
   """
   batch, height, width, _ = x_BxSxSxC.shape
   level = magnitude / 10
-  for layer_key in jax.random.split(key, num_layers):
-    op_key, sign_key = jax.random.split(layer_key)
-    op_B = jax.random.randint(op_key, (batch,), 0, len(_RAND_AUGMENT_OPS))
-    sign_B = jnp.where(jax.random.bernoulli(sign_key, 0.5, (batch,)), 1.0, -1.0)
+  for bits_Bx2 in jax.random.bits(key, (num_layers, batch, 2), jnp.uint32):
+    op_B = _randint(bits_Bx2[:, 0], len(_RAND_AUGMENT_OPS))
+    sign_B = jnp.where(_randint(bits_Bx2[:, 1], 2) == 0, 1.0, -1.0)
     matrix_Bx2x3 = _rand_augment_matrix(op_B, sign_B * level, height, width)
     x_BxSxSxC = warp_affine(x_BxSxSxC, matrix_Bx2x3, (height, width), fill=_RAND_AUGMENT_FILL)
     x_BxSxSxC = _rand_augment_color(x_BxSxSxC, op_B, sign_B * level, level)

@@ -4,21 +4,37 @@ Layout in the workdir:
   checkpoints/<step>/{state,data,meta}   the latest `keep` checkpoints
   best/<step>/{state,data,meta}          the best one by `config.best_metric`
 `state` holds params, optimiser state, step and RNG; `data` the input iterator's state
-(JSON); `meta` the step, and the best metric's name and value.
+(JSON); `meta` the step, a checksum of every array of `state`, and what the caller adds
+(the best metric's name and value; the training metrics not yet logged).
 
-Orbax writes each checkpoint into a temporary folder and renames it when complete, so
-a crash mid-save leaves the previous checkpoints intact and no half-written one is taken
-for good. A checkpoint that cannot be read is reported and skipped for the one before.
+What can go wrong, and what happens:
+- A crash or SIGKILL mid-save: orbax writes each checkpoint into `<step>.orbax-checkpoint-tmp`
+  and renames it when complete, so the previous checkpoints stay intact and no
+  half-written one is taken for good; the leftover folder is deleted at the next start.
+- A damaged checkpoint (truncated, garbled or missing file): `restore` names it and the
+  error on the console, and falls back to the one before. Orbax does not notice every
+  garbled byte of array data (it has no checksums), so `save` stores a checksum of
+  each array in `meta` and `restore` compares them: a mismatch counts as unreadable.
+- No readable checkpoint left: `UnreadableCheckpointError` names the folder and what
+  to do.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+class UnreadableCheckpointError(RuntimeError):
+  pass
 
 
 @dataclasses.dataclass
@@ -38,6 +54,73 @@ def _manager(path: str, keep: int) -> ocp.CheckpointManager:
       item_names=("state", "data", "meta"))
 
 
+# --- Checksums --------------------------------------------------------------------------
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """Two uint32 sums over the bits of `x`, each element weighted by an odd number.
+
+  Any single flipped bit changes both; the sums wrap around in integer arithmetic, so
+  they do not depend on the order of summation, i.e. on how `x` is sharded.
+  """
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  u = jax.lax.bitcast_convert_type(x, bits).ravel().astype(jnp.uint32)
+  i = jnp.arange(u.size, dtype=jnp.uint32)
+  first = jnp.sum(u * (2 * i + 1), dtype=jnp.uint32)
+  second = jnp.sum((u ^ (u >> 15)) * ((i * jnp.uint32(0x9E3779B1)) | 1), dtype=jnp.uint32)
+  return jnp.stack([first, second])
+
+
+@functools.lru_cache(maxsize=4)
+def _checksum_fn(mesh: Mesh | None):
+  # Replicated results, so that every process of a multi-host run can read them.
+  out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  return jax.jit(lambda arrays: [_leaf_checksum(x) for x in arrays], out_shardings=out)
+
+
+def checksums(tree) -> dict[str, list[int]]:
+  """{"params/.../kernel": [sum1, sum2], ...} over every array of `tree`."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  arrays = [jnp.asarray(leaf) for _, leaf in leaves]
+  meshes = [a.sharding.mesh for a in arrays if isinstance(a.sharding, NamedSharding)]
+  sums = jax.device_get(_checksum_fn(meshes[0] if meshes else None)(arrays))
+  return {_path_name(path): [int(v) for v in np.asarray(s)]
+          for (path, _), s in zip(leaves, sums)}
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def _verify(state, expected: dict[str, list[int]] | None) -> None:
+  if not expected:  # Checkpoints written before checksums were stored.
+    return
+  actual = checksums(state)
+  bad = sorted(name for name, value in actual.items() if expected.get(name) != value)
+  if bad:
+    raise ValueError(f"{len(bad)} array(s) do not match the checksums saved with them "
+                     f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the "
+                     "files were damaged after writing")
+
+
+def _reason(error: BaseException) -> str:
+  """"Type: first line" of the innermost cause: orbax wraps the telling TensorStore error
+  (e.g. "DATA_LOSS: ... Error reading ...") in a generic one that dumps a whole spec."""
+  chain = [error]
+  while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  inner = chain[-1]
+  line = (str(inner).strip().splitlines() or [""])[0]
+  return f"{type(inner).__name__}: {line[:300]}{'...' if len(line) > 300 else ''}"
+
+
+# --- The store ------------------------------------------------------------------------------
+
+
 class CheckpointStore:
   """Saves and restores the latest-K and best checkpoints of one workdir."""
 
@@ -48,18 +131,26 @@ class CheckpointStore:
   @staticmethod
   def _save(manager: ocp.CheckpointManager, step: int, state, data_state: dict,
             meta: dict) -> None:
+    if step in manager.all_steps():
+      # Left by a run that got further before it crashed, or unreadable (restore went
+      # past it): this run has just recomputed the step, so its state replaces it.
+      manager.delete(step)
+    meta = {"step": step, **meta, "checksums": checksums(state)}
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave({"step": step, **meta})), force=True)
+        meta=ocp.args.JsonSave(meta)), force=True)
     manager.wait_until_finished()
 
   def save(self, step: int, state, data_state: dict, meta: dict) -> None:
-    if step not in self.latest.all_steps():
-      self._save(self.latest, step, state, data_state, meta)
+    self._save(self.latest, step, state, data_state, meta)
 
   def save_best(self, step: int, state, data_state: dict, meta: dict) -> None:
-    if step not in self.best.all_steps():
-      self._save(self.best, step, state, data_state, meta)
+    self._save(self.best, step, state, data_state, meta)
+
+  def discard_best_after(self, step: int) -> None:
+    """Drops best checkpoints past `step`: a resumed run re-evaluates those steps."""
+    for later in [s for s in self.best.all_steps() if s > step]:
+      self.best.delete(later)
 
   def best_meta(self) -> dict | None:
     """The best checkpoint's meta (metric name and value), or None before the first."""
@@ -72,28 +163,34 @@ class CheckpointStore:
     """The newest readable checkpoint of `which` ("latest" or "best"), or None if none.
 
     `abstract_state` carries the target shardings, so a run saved on one device count
-    restores onto another.
+    restores onto another. Unreadable checkpoints are reported and skipped.
     """
     manager = {"latest": self.latest, "best": self.best}[which]
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
+      path = os.path.join(str(manager.directory), str(step))
       try:
         out = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
+        _verify(out["state"], out["meta"].get("checksums"))
       except Exception as e:  # Orbax raises many types for damaged files.  # noqa: BLE001
-        path = os.path.join(str(manager.directory), str(step))
-        later = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "none left"
+        reason = _reason(e)
+        later = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps)
+                 else "no older checkpoint to fall back to")
         logging.error("Checkpoint %s is unreadable (%s: %s); %s.", path, type(e).__name__,
-                      str(e).splitlines()[0][:300] if str(e) else "", later)
-        print(f"WARNING: checkpoint {path} is unreadable ({type(e).__name__}); {later}.",
-              flush=True)
+                      str(e)[:2000], later)
+        if jax.process_index() == 0:
+          print(f"WARNING: checkpoint {path} is unreadable ({reason}); {later}.", flush=True)
         continue
-      return Restored(step, out["state"], dict(out["data"]), dict(out["meta"]))
+      meta = {k: v for k, v in dict(out["meta"]).items() if k != "checksums"}
+      return Restored(step, out["state"], dict(out["data"]), meta)
     if steps:
-      raise RuntimeError(
-          f"No readable checkpoint in {manager.directory} (tried steps {steps}). Move the "
-          "folder away to start over, or restore it from a backup.")
+      raise UnreadableCheckpointError(
+          f"No readable checkpoint in {manager.directory} (tried steps "
+          f"{', '.join(map(str, steps))}; the reasons are printed above). Restore the "
+          "folder from a backup, or move it away (or pass --start_over, which deletes "
+          "the whole workdir) to train from scratch.")
     return None
 
   def close(self) -> None:

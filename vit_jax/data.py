@@ -184,7 +184,7 @@ class StreamingSource(Source):
     images = np.stack([im for im, _ in examples]) if examples else np.zeros(
         (0, *self._shape), np.uint8)
     labels = np.asarray([label for _, label in examples], np.int32)
-    _check_labels(labels, self.num_classes, f"{self.name}:{self.split}")
+    _check_labels(labels, self.num_classes, f"{self.name}:{self.split}", indices)
     return {"image": images, "label": labels}
 
 
@@ -194,10 +194,28 @@ def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
   return concurrent.futures.ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="decode")
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
-  if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"{what}: labels span {labels.min()}..{labels.max()} but there are "
-                     f"{num_classes} class names.")
+def _check_labels(labels: np.ndarray, num_classes: int, what: str,
+                  indices: np.ndarray | None = None) -> None:
+  """Labels must be class indices 0..num_classes-1: names the split and the bad values."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"{what}: labels must be class indices of shape [N], got shape "
+                     f"{labels.shape} (one-hot labels are not supported).")
+  if not len(labels):
+    return
+  if labels.dtype.kind not in "iub" and not np.array_equal(labels, np.round(labels)):
+    raise ValueError(f"{what}: labels must be whole numbers (class indices), got "
+                     f"{labels.dtype} values such as {labels[labels != np.round(labels)][0]}.")
+  outside = (labels < 0) | (labels >= num_classes)
+  if outside.any():
+    values = np.unique(labels[outside])
+    shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+    first = int(np.argmax(outside))
+    first = first if indices is None else int(np.asarray(indices)[first])
+    raise ValueError(
+        f"{what}: {int(outside.sum())} label(s) outside 0..{num_classes - 1} (there are "
+        f"{num_classes} class names): {shown}; the first at example {first}. Check the "
+        "labels or the list of class names.")
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -237,7 +255,7 @@ def _folder_source(config: ml_collections.ConfigDict, split: str) -> ArraySource
   size = config.load_size or config.image_size
   print(f"Decoding {len(examples)} images of {root}:{split} at {size}x{size} ...",
         flush=True)
-  images = list(_thread_pool().map(functools.partial(_decode_file, size=size),
+  images = list(_thread_pool().map(functools.partial(decode_file, size=size),
                                    [path for path, _ in examples]))
   if any(im.shape[-1] == 3 for im in images):  # Mixed folders become RGB throughout.
     images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
@@ -301,14 +319,24 @@ def _images_in(folder: Path) -> list[Path]:
   return files
 
 
-def _decode_file(path: Path, size: int) -> np.ndarray:
-  """[size, size, 1] for grayscale files, [size, size, 3] for the rest."""
+def decode_file(path: Path, size: int) -> np.ndarray:
+  """[size, size, 1] for grayscale files, [size, size, 3] for the rest (alpha dropped).
+
+  16-bit grayscale (PNG mode I;16 or I) is scaled to 8 bits; PIL's own conversion would
+  clip everything above 255 to white.
+  """
   try:
     with Image.open(path) as pil:
-      pil = pil.convert("L" if pil.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
-      image = np.asarray(pil)
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f"Cannot read image {path}: {e}. Replace or remove the file.") from e
+      if pil.mode.startswith("I"):
+        wide = np.asarray(pil).astype(np.int64)
+        image = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+      else:
+        image = np.asarray(pil.convert("L" if pil.mode in ("1", "L", "LA", "La") else "RGB"))
+  # PIL's errors for files it cannot parse: OSError (UnidentifiedImageError, "image file
+  # is truncated"), ValueError, and SyntaxError/EOFError from some format plugins.
+  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    raise ValueError(f"Cannot read image {path}: {e or type(e).__name__}. Replace or remove "
+                     "the file.") from e
   return _resize(image.reshape(*image.shape[:2], -1), size)
 
 

@@ -63,9 +63,8 @@ def read_image(path: str, image_shape: Sequence[int]) -> np.ndarray:
   if height != width:
     raise ValueError(f"Stored image shape {list(image_shape)} is not square: data.py only "
                      "stores square images, so this workdir was not made by it.")
-  # data._decode_file is private to data.py; reused so that files are decoded and resized
-  # exactly like the folder datasets the model may have been trained on.
-  image = data._decode_file(path, height)  # pylint: disable=protected-access
+  # The folder source's decoder, so files are decoded and resized exactly as in training.
+  image = data.decode_file(path, height)
   return to_channels(image, channels)
 
 

@@ -1,0 +1,683 @@
+"""Faults and bad input: nothing lost, every error clear.
+
+Provoked for real: SIGTERM and SIGINT mid-training, SIGKILL between orbax writing a
+checkpoint and renaming it into place, garbled and truncated checkpoint files, NaN
+losses, a workdir of another model, config and data mistakes, and fuzzed configs and
+image files. Training runs are subprocesses of main.py on a tiny ViT on Fashion-MNIST;
+runs share a persistent XLA compilation cache, so only the first of each config compiles.
+"""
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+from PIL import Image, ImageFile
+
+from configs import common
+from vit_jax import checkpoints, config_check, data, evaluate, models, predict, state as state_lib
+from vit_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Orbax leaves its read coroutines unfinished when a damaged checkpoint fails to load;
+# Python reports them when they are collected, in whichever test that happens.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
+    ":pytest.PytestUnraisableExceptionWarning")
+
+# A 2-block, 32-wide ViT on 1024 training images (as tests/test_train.py).
+TINY = ["--config.train_split=train[:1024]", "--config.eval_split=test[:300]",
+        "--config.batch_size=64", "--config.eval_batch_size=64",
+        "--config.model.overrides.width=32", "--config.model.overrides.depth=2",
+        "--config.model.overrides.num_heads=2", "--config.model.overrides.mlp_dim=64",
+        "--config.optim.warmup_steps=2"]
+
+# Logging every 3 steps and checkpointing every 4: checkpoints fall between log rows, so
+# a resumed run must carry the not-yet-logged step metrics over to write the same rows.
+SCHEDULE = ["--config.total_steps=24", "--config.log_every_steps=3",
+            "--config.checkpoint_every_steps=4", "--config.eval_every_steps=8"]
+
+# Runs main.py, but SIGKILLs the process when orbax has written every file of the
+# checkpoint $VIT_JAX_TEST_KILL_AT (e.g. "checkpoints/8") into its temporary folder and
+# is about to rename it into place: the last moment a crash can leave it half-done.
+KILL_BEFORE_RENAME = r"""
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+original = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self, *args, **kwargs):
+  final = self.get_final()
+  if f"{final.parent.name}/{final.name}" == os.environ["VIT_JAX_TEST_KILL_AT"]:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await original(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+# --- Helpers ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+          "PYTHONUNBUFFERED": "1",
+          "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def main_args(workdir, dirs, *overrides) -> list[str]:
+  manual_dir, data_dir = dirs
+  return [str(REPO / "main.py"), "--config=configs/fashion_mnist.py", f"--workdir={workdir}",
+          f"--config.manual_dir={manual_dir}", f"--config.data_dir={data_dir}", *TINY,
+          *overrides]
+
+
+class Run:
+  """A main.py subprocess whose stdout and stderr go to one log file."""
+
+  def __init__(self, args: list[str], env: dict, log: pathlib.Path, python_code=None):
+    self.log = log
+    cmd = [sys.executable, *(["-c", python_code] if python_code else []), *args]
+    with open(log, "w") as out:
+      self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+
+  def wait_for(self, path: pathlib.Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+      assert self.proc.poll() is None, f"the run ended first:\n{self.output()[-3000:]}"
+      assert time.time() < deadline, f"{path} did not appear"
+      time.sleep(0.005)
+
+  def finish(self, returncode: int) -> str:
+    self.proc.wait(timeout=600)
+    text = self.output()
+    assert self.proc.returncode == returncode, text[-4000:]
+    return text
+
+  def output(self) -> str:
+    return self.log.read_text()
+
+
+def run(args, env, log, returncode=0) -> str:
+  return Run(args, env, log).finish(returncode)
+
+
+def metric_rows(workdir) -> list[dict]:
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [{k: v for k, v in r.items() if k != "train/images_per_sec"} for r in rows]
+
+
+def steps_on_disk(workdir, kind="checkpoints") -> list[int]:
+  folder = pathlib.Path(workdir) / kind
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def assert_same_params(a, b) -> None:
+  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def garble(path: pathlib.Path) -> None:
+  """Flips every 64th byte of `path`: enough to reach real data in any layout."""
+  raw = bytearray(path.read_bytes())
+  for i in range(len(raw) // 2 % 64, len(raw), 64):
+    raw[i] ^= 0xFF
+  path.write_bytes(bytes(raw))
+
+
+def largest_file(folder: pathlib.Path) -> pathlib.Path:
+  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+# --- 1-3: preemption, a crash mid-save and a damaged checkpoint, all resumed exactly ---------
+
+
+def test_preemption_crash_and_damage_resume_bit_exact(fashion_mnist_dirs, env, tmp_path):
+  """One workdir goes through SIGTERM, SIGKILL before a checkpoint's rename, SIGINT and
+  a garbled checkpoint, and ends identical to an uninterrupted run."""
+  straight, chain = tmp_path / "straight", tmp_path / "chain"
+  run(main_args(straight, fashion_mnist_dirs, *SCHEDULE), env, tmp_path / "straight.log")
+  want_rows = metric_rows(straight)
+
+  # SIGTERM: the step under way ends, a checkpoint is saved, exit status 128 + 15.
+  first = Run(main_args(chain, fashion_mnist_dirs, *SCHEDULE), env, tmp_path / "1.log")
+  first.wait_for(chain / "checkpoints" / "4")
+  first.proc.send_signal(signal.SIGTERM)
+  out = first.finish(143)
+  s1 = int(re.search(r"SIGTERM: saved a checkpoint at step (\d+)/24 in (\S+); exiting with "
+                     r"status 143\. Rerun the same command to resume\.", out).group(1))
+  assert f" in {chain}/checkpoints;" in out
+  assert 4 < s1 < 24 and steps_on_disk(chain)[-1] == s1
+  assert not (chain / "final_metrics.json").exists()
+  assert metric_rows(chain) == [r for r in want_rows if r["step"] <= s1]  # No extra row.
+
+  # SIGKILL after orbax wrote the next checkpoint into its temporary folder, before the
+  # rename that makes it count.
+  k = (s1 // 4 + 1) * 4
+  second = Run(main_args(chain, fashion_mnist_dirs, *SCHEDULE),
+               {**env, "VIT_JAX_TEST_KILL_AT": f"checkpoints/{k}"}, tmp_path / "2.log",
+               python_code=KILL_BEFORE_RENAME)
+  out = second.finish(-signal.SIGKILL)
+  assert f"Resuming from {chain}/checkpoints/{s1} (step {s1}/24)." in out
+  leftover = chain / "checkpoints" / f"{k}.orbax-checkpoint-tmp"
+  assert (leftover / "state" / "_METADATA").is_file()  # Written in full, never renamed.
+  assert not (chain / "checkpoints" / str(k)).exists() and steps_on_disk(chain)[-1] == s1
+
+  # SIGINT: the rerun resumes from the last complete checkpoint, not the leftover, which
+  # is gone; it stops with status 128 + 2.
+  third = Run(main_args(chain, fashion_mnist_dirs, *SCHEDULE), env, tmp_path / "3.log")
+  third.wait_for(chain / "checkpoints" / str(k))
+  third.proc.send_signal(signal.SIGINT)
+  out = third.finish(130)
+  assert f"Resuming from {chain}/checkpoints/{s1} (step {s1}/24)." in out
+  assert not leftover.exists()
+  s3 = int(re.search(r"SIGINT: saved a checkpoint at step (\d+)/24", out).group(1))
+  assert k < s3 < 24 and steps_on_disk(chain)[-1] == s3
+
+  # A garbled file in the newest checkpoint: named on the console, and the run falls back
+  # to the one before.
+  garble(largest_file(chain / "checkpoints" / str(s3) / "state"))
+  previous = steps_on_disk(chain)[-2]
+  out = run(main_args(chain, fashion_mnist_dirs, *SCHEDULE), env, tmp_path / "4.log")
+  assert re.search(rf"WARNING: checkpoint {chain}/checkpoints/{s3} is unreadable \(\w+: .+\); "
+                   rf"falling back to step {previous}\.\n", out), out[-3000:]
+  assert f"Resuming from {chain}/checkpoints/{previous} (step {previous}/24)." in out
+
+  a, b = train_state(straight), train_state(chain)
+  assert a.step == b.step == 24
+  assert_same_params(a.params, b.params)
+  assert metric_rows(chain) == want_rows
+  assert json.loads((chain / "final_metrics.json").read_text()) == \
+      json.loads((straight / "final_metrics.json").read_text())
+  assert steps_on_disk(chain, "best") == steps_on_disk(straight, "best")
+
+
+def train_state(workdir, which="latest"):
+  return evaluate.load_trained(str(workdir), which)
+
+
+# --- 3: damaged checkpoints, in-process -----------------------------------------------------
+
+
+def _tiny_state(seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"w": jax.numpy.asarray(rng.normal(size=(64, 64)).astype(np.float32)),
+          "b": jax.numpy.asarray(rng.normal(size=(64,)).astype(np.float32)),
+          "step": jax.numpy.int32(seed)}
+
+
+def test_damaged_checkpoints_are_named_and_skipped(tmp_path, capsys):
+  states = {step: _tiny_state(step) for step in (1, 2, 3)}
+  abstract = checkpoints.abstract_with_shardings(
+      states[1], jax.tree_util.tree_map(lambda x: x.sharding, states[1]))
+  store = checkpoints.CheckpointStore(str(tmp_path), keep=3)
+  for step, state in states.items():
+    store.save(step, state, {"step": step}, {"note": step})
+  folder = tmp_path / "checkpoints"
+
+  # One flipped byte inside compressed array data: orbax decodes it without complaint (no
+  # checksums of its own), the checksums saved in meta catch it.
+  data_file = largest_file(folder / "3" / "state")
+  raw = bytearray(data_file.read_bytes())
+  raw[len(raw) // 2] ^= 0x04
+  data_file.write_bytes(bytes(raw))
+  restored = store.restore(abstract)
+  assert restored.step == 2 and restored.meta == {"step": 2, "note": 2}
+  assert_same_params(restored.state, states[2])
+  assert (f"WARNING: checkpoint {folder}/3 is unreadable (ValueError: 1 array(s) do not "
+          "match the checksums saved with them (w): the files were damaged after writing); "
+          "falling back to step 2.\n") in capsys.readouterr().out
+
+  # The run saves step 3 again when it gets there: the damaged one is replaced.
+  store.save(3, states[3], {"step": 3}, {})
+  assert_same_params(store.restore(abstract).state, states[3])
+
+  # Garbled, missing and truncated files: no readable checkpoint at all.
+  garble(largest_file(folder / "3" / "state"))
+  (folder / "2" / "meta" / "metadata").unlink()
+  big = largest_file(folder / "1" / "state")
+  big.write_bytes(big.read_bytes()[:big.stat().st_size // 2])
+  with pytest.raises(checkpoints.UnreadableCheckpointError) as error:
+    store.restore(abstract)
+  assert str(error.value) == (
+      f"No readable checkpoint in {folder} (tried steps 3, 2, 1; the reasons are printed "
+      "above). Restore the folder from a backup, or move it away (or pass --start_over, "
+      "which deletes the whole workdir) to train from scratch.")
+  lines = capsys.readouterr().out.splitlines()
+  assert re.fullmatch(rf"WARNING: checkpoint {folder}/3 is unreadable \(ValueError: "
+                      r"FAILED_PRECONDITION: Error reading .*ZSTD_decompressStream\(\) failed"
+                      r".*\); falling back to step 2\.", lines[0]), lines[0]
+  assert lines[1] == (f"WARNING: checkpoint {folder}/2 is unreadable (FileNotFoundError: File "
+                      f"{folder}/2/meta/metadata not found.); falling back to step 1.")
+  assert re.fullmatch(rf"WARNING: checkpoint {folder}/1 is unreadable \(ValueError: \w+: .+\); "
+                      r"no older checkpoint to fall back to\.", lines[2]), lines[2]
+  store.close()
+
+
+# --- 4, 5: NaN losses; a workdir of another model; --start_over --------------------------------
+
+
+def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_dirs, env,
+                                                                  tmp_path):
+  workdir = tmp_path / "run"
+  nan_run = ["--config.optim.lr=1e30", "--config.total_steps=8", "--config.log_every_steps=2",
+             "--config.checkpoint_every_steps=2", "--config.eval_every_steps=8"]
+  # lr 1e30: step 1 (warmup, lr 0) and step 2 stay finite, step 3's loss is NaN.
+  out = run(main_args(workdir, fashion_mnist_dirs, *nan_run), env, tmp_path / "nan.log", 1)
+  assert ("ERROR: Non-finite loss or gradient at step 3: its "
+          "update was not applied and the run stopped (config.on_nonfinite='stop'). The "
+          f"newest checkpoint is {workdir}/checkpoints/2 (step 2); a rerun resumes from it. "
+          "Lower config.optim.lr or set config.optim.grad_clip_norm and rerun, or set "
+          "config.on_nonfinite='skip' to skip such steps.\n") in out
+  assert steps_on_disk(workdir) == [2] and steps_on_disk(workdir, "best") == []
+  good = train_state(workdir)
+  assert good.step == 2
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(good.params))
+  assert [r["step"] for r in metric_rows(workdir)] == [2]
+
+  # Another model in the same workdir is refused, and nothing in it changes.
+  other = [*nan_run, "--config.model.name=ViT-S/4"]
+  before = (workdir / "config.json").read_text()
+  out = run(main_args(workdir, fashion_mnist_dirs, *other), env, tmp_path / "other.log", 1)
+  assert ("ERROR: Workdir "
+          f"{workdir} holds a run of a different model or dataset (model.name: 'ViT-Ti/4' -> "
+          "'ViT-S/4'). Use another --workdir, or pass --start_over to delete its checkpoints "
+          "and train from scratch.\n") in out
+  assert (workdir / "config.json").read_text() == before and steps_on_disk(workdir) == [2]
+
+  # --start_over trains from scratch; on_nonfinite="skip" goes past the NaN steps (the
+  # same architecture under another name: every step from 3 on is non-finite again).
+  out = run(main_args(workdir, fashion_mnist_dirs, *other, "--start_over",
+                      "--config.on_nonfinite=skip"), env, tmp_path / "skip.log")
+  assert "Resuming" not in out
+  assert ("WARNING: skipped 2 step(s) with a non-finite loss or gradient (steps 3, 4).\n"
+          in out)
+  assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "ViT-S/4"
+  rows = [r for r in metric_rows(workdir) if "train/loss" in r]
+  assert [(r["step"], r.get("train/skipped_steps")) for r in rows] == \
+      [(2, None), (4, 2), (6, 2), (8, 2)]
+  assert rows[1]["train/loss"] == "nan"  # No finite step to average.
+  skipped = train_state(workdir)
+  assert skipped.step == 8 and steps_on_disk(workdir) == [4, 6, 8]
+  assert_same_params(skipped.params, good.params)  # No bad update was ever applied.
+
+
+# --- 6: config mistakes ------------------------------------------------------------------------
+
+
+def base_config() -> ml_collections.ConfigDict:
+  return common.get_base_config()
+
+
+def set_key(config, dotted: str, value) -> None:
+  *parents, last = dotted.split(".")
+  for part in parents:
+    config = config[part]
+  setattr(config, last, value)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.name", "ViT-X/9", "config.model.name='ViT-X/9' is not a registered model: use "
+     f"one of {models.list_models()}."),
+    ("batch_size", 0, "config.batch_size=0 is not allowed: use an integer >= 1."),
+    ("total_steps", -5, "config.total_steps=-5 is not allowed: use an integer >= 0 (0 = "
+     "from config.num_epochs)."),
+    ("num_epochs", -1.0, "config.num_epochs=-1.0 is not allowed: use a finite number >= 0."),
+    ("optim.lr", math.nan, "config.optim.lr=nan is not allowed: use a finite number >= 0."),
+    ("optim.lr", math.inf, "config.optim.lr=inf is not allowed: use a finite number >= 0."),
+    ("optim.lr", -0.1, "config.optim.lr=-0.1 is not allowed: use a finite number >= 0."),
+    ("optim.name", "lamb", "config.optim.name='lamb' is not allowed: use one of ('adamw', "
+     "'sgd')."),
+    ("optim.b2", 1.0, "config.optim.b2=1.0 is not allowed: use a number in [0, 1)."),
+    ("label_smoothing", 1.0, "config.label_smoothing=1.0 is not allowed: use a number in "
+     "[0, 1)."),
+    ("image_size", 30, "config.image_size=30 is not divisible by the patch size 4 of "
+     "ViT-Ti/4: use a multiple of 4, e.g. 28."),
+    ("aug.crop_scale", (0.9, 0.1), "config.aug.crop_scale=(0.9, 0.1) is not allowed: use "
+     "(low, high) with 0 < low <= high <= 1."),
+    ("model.overrides.depth", 0, "config.model.overrides.depth=0 is not allowed: use an "
+     "integer >= 1."),
+    ("model.overrides.dropout_rate", 1.5, "config.model.overrides.dropout_rate=1.5 is not "
+     "allowed: use a number in [0, 1)."),
+    ("model.overrides.pool", "max", "config.model.overrides.pool='max' is not allowed: use "
+     "one of ('token', 'gap', 'flatten')."),
+    ("model.overrides.head_hidden_dims", (64, -1), "config.model.overrides.head_hidden_dims="
+     "(64, -1) is not allowed: use a tuple of integers >= 1, e.g. (512,) or ()."),
+    ("seed", -1, "config.seed=-1 is not allowed: use an integer in [0, 4294967295]."),
+])
+def test_config_error_names_key_value_and_allowed(key, value, message):
+  config = base_config()
+  set_key(config, key, value)
+  with pytest.raises(config_check.ConfigError) as error:
+    config_check.validate(config)
+  assert str(error.value) == message
+
+
+def test_config_errors_that_involve_two_keys():
+  config = base_config()
+  config.total_steps, config.num_epochs = 0, 0.0
+  with pytest.raises(config_check.ConfigError, match=r"^config.total_steps=0 and "
+                     r"config.num_epochs=0: set one of them > 0\.$"):
+    config_check.validate(config)
+  config = base_config()
+  config.model.overrides.class_token = False
+  with pytest.raises(config_check.ConfigError, match=r"^config.model.overrides.pool='token' "
+                     "needs class_token=True"):
+    config_check.validate(config)
+
+
+def test_shipped_configs_are_valid():
+  from configs import cifar100, fashion_mnist, finetune
+  for config in (base_config(), cifar100.get_config(), cifar100.get_config("keras"),
+                 fashion_mnist.get_config(),
+                 finetune.get_config("dataset=cifar100,model=ViT-B/16,init=/c/B_16.npz")):
+    config_check.validate(config)
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+  """Mesh, data, checkpoints: touching any of them fails the test."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("reached compute or data before the config was checked")
+
+  for module, name in ((data, "load_source"), (train.parallel, "make_mesh"),
+                       (evaluate, "load_trained")):
+    monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize("key,value", [("optim.lr", math.inf), ("model.name", "ViT-Q/4"),
+                                       ("image_size", 30), ("total_steps", -1)])
+def test_config_checked_before_anything_else(no_compute, tmp_path, key, value):
+  config = base_config()
+  set_key(config, key, value)
+  with pytest.raises(config_check.ConfigError, match=rf"^config\.{re.escape(key)}="):
+    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(config_check.ConfigError, match=rf"^config\.{re.escape(key)}="):
+    evaluate.evaluate(config, str(tmp_path))
+  assert not any(tmp_path.iterdir())
+
+
+def test_batch_size_that_does_not_divide_over_devices(monkeypatch, tmp_path):
+  monkeypatch.setattr(data, "load_source", lambda *a: pytest.fail("data loaded first"))
+  config = base_config()
+  config.batch_size = 12
+  with pytest.raises(ValueError) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert str(error.value) == ("config.batch_size=12 does not divide evenly over 8 devices "
+                              "(1 process(es) x 8 local): use a multiple of 8, e.g. 8 or 16.")
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.nonexistent=1", "--config.nonexistent=1: the config has no key "
+     "'nonexistent'. Every key, with its default, is in configs/common.py."),
+    ("--config.optim.nme=sgd", "--config.optim.nme=sgd: the config has no key 'nme'. Did "
+     'you mean "name"? Every key, with its default, is in configs/common.py.'),
+    ("--config.optim.lr=abc", "flag --config.optim.lr=abc: could not convert string to "
+     "float: 'abc'"),
+    ("--config.model.overrides.depth=2.5", "flag --config.model.overrides.depth=2.5: "
+     "invalid literal for int() with base 10: '2.5'"),
+])
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags.
+def test_command_line_config_mistakes(flag, message, capsys):
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["main.py", f"--config={REPO / 'configs' / 'fashion_mnist.py'}", flag]
+  flag_values = flags.FlagValues()  # As main.py defines it, apart from the global flags.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  with pytest.raises(SystemExit) as exit_:
+    config_check.parse_flags(argv, flag_values)
+  assert exit_.value.code == 1
+  assert capsys.readouterr().err == (f"FATAL Flags parsing error: {message}\n"
+                                     "Pass --helpshort or --helpfull to see help on flags.\n")
+
+
+# --- 7: data mistakes ----------------------------------------------------------------------
+
+
+def save(image: Image.Image, path: pathlib.Path, **kwargs) -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  image.save(path, **kwargs)
+  return path
+
+
+def test_image_modes_decode_to_the_right_channels(tmp_path):
+  folder = tmp_path / "train"
+  rgba = save(Image.new("RGBA", (12, 9), (10, 200, 30, 0)), folder / "a" / "rgba.png")
+  palette = Image.new("P", (12, 9), 1)
+  palette.putpalette([0, 0, 0, 250, 100, 5] + [0] * 762)
+  pal = save(palette, folder / "a" / "palette.png", transparency=0)
+  cmyk = save(Image.new("RGB", (16, 16), (200, 40, 40)).convert("CMYK"),
+              folder / "a" / "cmyk.jpg", quality=95)
+  wide = np.full((10, 10), 60000, np.uint16)
+  wide[0, 0] = 0
+  sixteen = save(Image.fromarray(wide), folder / "b" / "sixteen.png")
+  assert Image.open(sixteen).mode == "I;16"
+  la = save(Image.new("LA", (8, 8), (77, 0)), folder / "b" / "la.png")
+  bilevel = save(Image.new("1", (8, 8), 1), folder / "b" / "bilevel.png")
+
+  decode = lambda path: data.decode_file(path, 8)  # noqa: E731
+  np.testing.assert_array_equal(decode(rgba), np.full((8, 8, 3), (10, 200, 30)))
+  np.testing.assert_array_equal(decode(pal), np.full((8, 8, 3), (250, 100, 5)))
+  np.testing.assert_allclose(decode(cmyk).reshape(-1, 3).mean(0), (200, 40, 40), atol=4)
+  # 16 bits scaled, not clipped: 60000 -> 233 (PIL's convert("L") would give 255).
+  assert decode(sixteen).shape == (8, 8, 1) and decode(sixteen)[4, 4, 0] == 233
+  assert data.decode_file(sixteen, 10)[0, 0, 0] == 0
+  np.testing.assert_array_equal(decode(la), np.full((8, 8, 1), 77))
+  np.testing.assert_array_equal(decode(bilevel), np.full((8, 8, 1), 255))
+
+  config = common.get_base_config()
+  config.dataset, config.data_dir, config.load_size = "folder", str(tmp_path), 8
+  source = data.load_source(config, "train")
+  assert source.image_shape == (8, 8, 3) and len(source) == 6  # Mixed: RGB throughout.
+  assert source.class_names == ["a", "b"]
+  gray = source.images[source.labels == 1]
+  assert (gray[..., 0] == gray[..., 1]).all() and sorted(gray[:, 4, 4, 0]) == [77, 233, 255]
+
+
+def test_grayscale_only_modes_stay_one_channel(tmp_path):
+  save(Image.fromarray(np.full((5, 7), 30000, np.uint16)), tmp_path / "train" / "x" / "a.png")
+  save(Image.new("LA", (6, 6), (10, 255)), tmp_path / "train" / "y" / "b.png")
+  config = common.get_base_config()
+  config.dataset, config.data_dir, config.load_size = "folder", str(tmp_path), 4
+  source = data.load_source(config, "train")
+  assert source.image_shape == (4, 4, 1)
+  assert sorted(source.images[:, 0, 0, 0]) == [10, 117]
+
+
+def test_class_folders_without_images(tmp_path):
+  save(Image.new("RGB", (4, 4)), tmp_path / "train" / "cat" / "0.png")
+  save(Image.new("RGB", (4, 4)), tmp_path / "test" / "cat" / "0.png")
+  junk = tmp_path / "test" / "dog"
+  junk.mkdir(parents=True)
+  (junk / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+  (junk / "readme.txt").write_text("no images here")
+  save(Image.new("RGB", (4, 4)), tmp_path / "train" / "dog" / "0.png")
+  config = common.get_base_config()
+  config.dataset, config.data_dir = "folder", str(tmp_path)
+  with pytest.raises(ValueError) as error:
+    data.load_source(config, "test")
+  assert str(error.value) == (f"Class folder {junk} has no images (.jpg/.jpeg/.png): add "
+                              "some or remove the folder.")
+
+
+@pytest.mark.parametrize("kind", ["truncated_jpeg", "empty_png", "png_named_jpg_cut"])
+def test_broken_image_files_are_named(tmp_path, kind):
+  rng = np.random.default_rng(0)
+  pixels = Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8))
+  buffer = io.BytesIO()
+  pixels.save(buffer, "JPEG" if kind == "truncated_jpeg" else "PNG")
+  raw = buffer.getvalue()
+  path = tmp_path / {"truncated_jpeg": "a.jpg", "empty_png": "b.png",
+                     "png_named_jpg_cut": "c.jpg"}[kind]
+  path.write_bytes({"truncated_jpeg": raw[:len(raw) * 2 // 3], "empty_png": b"",
+                    "png_named_jpg_cut": raw[:100]}[kind])
+  assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # Nothing imported turned it on.
+  with pytest.raises(ValueError, match=rf"^Cannot read image {re.escape(str(path))}: .+\. "
+                     r"Replace or remove the file\.$"):
+    data.decode_file(path, 8)
+
+
+def test_labels_outside_the_classes_name_split_and_values():
+  images = np.zeros((14, 4, 4, 1), np.uint8)
+  labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, -1, 12])
+  with pytest.raises(ValueError) as error:
+    data.ArraySource(images, labels, class_names=list("abcdefghij"), name="mine",
+                     split="train[:14]")
+  assert str(error.value) == (
+      "mine:train[:14]: 4 label(s) outside 0..9 (there are 10 class names): -1, 10, 12; the "
+      "first at example 10. Check the labels or the list of class names.")
+  with pytest.raises(ValueError, match=r"^arrays:train: labels must be class indices of "
+                     r"shape \[N\], got shape \(14, 10\) \(one-hot"):
+    data.ArraySource(images, np.eye(10)[labels % 10], class_names=list("abcdefghij"))
+  with pytest.raises(ValueError, match=r"^arrays:train: labels must be whole numbers \(class "
+                     r"indices\), got float64 values such as 1\.5\.$"):
+    data.ArraySource(images, np.where(labels == 1, 1.5, 0.0), class_names=list("ab"))
+
+
+def test_tfds_labels_outside_the_classes(tmp_path):
+  import tensorflow as tf
+
+  def as_dataset(self, *args, **kwargs):
+    return tf.data.Dataset.from_tensor_slices({
+        "image": np.zeros((6, 32, 32, 3), np.uint8),
+        "label": np.array([0, 3, 10, 9, 11, 1], np.int64)})
+
+  config = common.get_base_config()
+  config.dataset, config.data_dir = "cifar10", str(tmp_path)
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    with pytest.raises(ValueError) as error:
+      data.load_source(config, "train")
+  assert str(error.value) == (
+      "cifar10:train: 2 label(s) outside 0..9 (there are 10 class names): 10, 11; the first "
+      "at example 2. Check the labels or the list of class names.")
+
+
+# --- 8: fuzzing ---------------------------------------------------------------------------------
+
+_FUZZ_KEYS = {
+    # key: values of the right type, in and out of range.
+    "batch_size": st.integers(-4, 64), "total_steps": st.integers(-3, 100),
+    "image_size": st.integers(-2, 40), "seed": st.integers(-2, 2**33),
+    "log_every_steps": st.integers(-1, 5), "optim.warmup_steps": st.integers(-2, 5),
+    "optim.accum_steps": st.integers(-1, 4),
+    "optim.lr": st.floats(allow_nan=True, allow_infinity=True),
+    "optim.b2": st.floats(-1, 2), "label_smoothing": st.floats(-1, 2),
+    "num_epochs": st.floats(allow_nan=True, allow_infinity=True),
+    "aug.crop_scale": st.tuples(st.floats(-1, 2), st.floats(-1, 2)),
+    "aug.zoom": st.floats(-1, 2), "aug.mix_prob": st.floats(-1, 2),
+    "optim.name": st.sampled_from(["adamw", "sgd", "lamb", ""]),
+    "model.name": st.sampled_from(["ViT-Ti/4", "ViT-S/16", "ViT-Z/4", "keras-example", ""]),
+    "compute_dtype": st.sampled_from(["float32", "bfloat16", "int8"]),
+    "model.overrides.patch_size": st.none() | st.integers(-1, 8),
+    "model.overrides.width": st.none() | st.integers(-1, 24),
+    "model.overrides.depth": st.none() | st.integers(-1, 2),
+    "model.overrides.num_heads": st.none() | st.integers(-1, 4),
+    "model.overrides.mlp_dim": st.none() | st.integers(-1, 24),
+    "model.overrides.head_dim": st.none() | st.integers(-1, 8),
+    "model.overrides.dropout_rate": st.none() | st.floats(-1, 2),
+    "model.overrides.pool": st.none() | st.sampled_from(["token", "gap", "flatten", "max"]),
+    "model.overrides.class_token": st.none() | st.booleans(),
+    "model.overrides.head_hidden_dims": st.none() | st.tuples(st.integers(-1, 8)),
+    "model.overrides.representation_size": st.none() | st.integers(-1, 8),
+}
+_WRONG_TYPES = st.one_of(st.text(max_size=4), st.booleans(), st.none(),
+                         st.floats(allow_nan=True), st.integers(-10, 10), st.just((1, 2)))
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.dictionaries(st.sampled_from(sorted(_FUZZ_KEYS)), st.none(), min_size=1, max_size=6)
+       .flatmap(lambda keys: st.fixed_dictionaries(
+           {k: st.one_of(_FUZZ_KEYS[k], _WRONG_TYPES) for k in keys})))
+def test_fuzzed_configs_fail_only_with_config_errors(overrides):
+  config = base_config()
+  config.model.overrides.update(dict(width=16, depth=1, num_heads=2, mlp_dim=16))
+  config.image_size = 16
+  for key, value in overrides.items():
+    try:
+      set_key(config, key, value)
+    except TypeError as e:  # ml_collections: the key's type does not fit the value.
+      assert str(e).startswith(f"Could not override field '{key.split('.')[-1]}'")
+  try:
+    config_check.validate(config)
+  except config_check.ConfigError as e:
+    assert str(e).startswith("config.")
+    event("refused by validate")
+    return
+  event("accepted")
+  # Accepted: the model builds and initialises (shapes only), whatever the values.
+  model = state_lib.build_model(config, num_classes=10)
+  shapes = jax.eval_shape(lambda: state_lib.init_params(
+      model, config.seed, (config.image_size, config.image_size, 3)))
+  assert shapes["head"]["kernel"].shape[-1] == 10
+
+
+_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "CMYK"]
+_FORMATS = {"PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"),
+            "JPEG": ("L", "RGB", "CMYK"), "GIF": ("L", "P"), "BMP": ("1", "L", "P", "RGB"),
+            "TIFF": tuple(_MODES), "WEBP": ("RGB", "RGBA")}
+
+
+@st.composite
+def image_files(draw) -> tuple[bytes, str]:
+  """(file bytes, file name): an image of any mode/size/format, cut or corrupted, or noise."""
+  name = draw(st.sampled_from(["x.png", "x.jpg", "x.jpeg", "x.PNG"]))
+  if draw(st.booleans()):
+    prefix = draw(st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0"]))
+    return prefix + draw(st.binary(max_size=300)), name
+  fmt = draw(st.sampled_from(sorted(_FORMATS)))
+  mode = draw(st.sampled_from(_FORMATS[fmt]))
+  size = (draw(st.integers(1, 40)), draw(st.integers(1, 40)))
+  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+  image = Image.new(mode, size)
+  if mode in ("I;16", "I"):
+    image = Image.fromarray(rng.integers(0, 65536, size[::-1]).astype(
+        np.uint16 if mode == "I;16" else np.int32))
+  buffer = io.BytesIO()
+  image.save(buffer, fmt)
+  raw = buffer.getvalue()
+  cut = draw(st.sampled_from(["whole", "cut", "flip"]))
+  if cut == "cut":
+    raw = raw[:draw(st.integers(0, len(raw)))]
+  elif cut == "flip":
+    i = draw(st.integers(0, len(raw) - 1))
+    raw = raw[:i] + bytes([raw[i] ^ draw(st.integers(1, 255))]) + raw[i + 1:]
+  return raw, name
+
+
+@settings(max_examples=100, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image_files(), st.sampled_from([1, 3]))
+def test_fuzzed_image_files_decode_or_fail_clearly(tmp_path, file, channels):
+  raw, name = file
+  path = tmp_path / name
+  path.write_bytes(raw)
+  try:
+    image = data.decode_file(path, 8)
+  except ValueError as e:
+    assert re.fullmatch(rf"Cannot read image {re.escape(str(path))}: .+\. Replace or "
+                        r"remove the file\.", str(e), re.DOTALL), str(e)
+    with pytest.raises(ValueError, match=f"^Cannot read image {re.escape(str(path))}: "):
+      predict.read_image(str(path), (8, 8, channels))
+    event("refused")
+    return
+  event(f"decoded to {image.shape[-1]} channel(s)")
+  assert image.dtype == np.uint8 and image.shape in ((8, 8, 1), (8, 8, 3))
+  assert predict.read_image(str(path), (8, 8, channels)).shape == (8, 8, channels)
