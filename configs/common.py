@@ -26,7 +26,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.image_size = 32  # The model's input resolution (batches are resized on device).
   # Folder datasets are decoded and resized to this size on the host (0 = image_size).
   config.load_size = 0
-  config.shuffle_buffer = 0  # Unused for in-memory sources; kept for streaming sources.
 
   # --- Augmentation (batched, on the device, inside the jitted train step) ----------
   config.aug = ml_collections.ConfigDict()

@@ -81,15 +81,3 @@ def test_finalize_eval_values():
   with pytest.raises(ValueError, match="no evaluation examples"):
     metrics.finalize_eval({"loss_sum": 0.0, "top1_sum": 0, "top5_sum": 0, "count": 0})
 
-
-def test_mean_accumulator():
-  acc = metrics.MeanAccumulator()
-  for loss, grad_norm in [(1.0, 4.0), (2.0, 5.0), (6.0, 9.0)]:
-    acc.add({"train/loss": jnp.float32(loss), "train/grad_norm": jnp.float32(grad_norm)})
-  assert len(acc) == 3
-  assert acc.summary() == {"train/loss": 3.0, "train/grad_norm": 6.0}
-  assert len(acc) == 0  # summary starts a new window
-  acc.add({"train/loss": jnp.float32(0.5)})
-  assert acc.summary() == {"train/loss": 0.5}
-  with pytest.raises(ValueError, match="no steps"):
-    acc.summary()

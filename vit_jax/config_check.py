@@ -51,7 +51,6 @@ _INTS = {
     "total_steps": (0, None, " (0 = from config.num_epochs)"),
     "optim.warmup_steps": (0, None, ""),
     "load_size": (0, None, " (0 = config.image_size)"),
-    "shuffle_buffer": (0, None, ""),
     "seed": (0, 2**32 - 1, ""),
     "aug.crop_padding": (0, None, ""),
     "aug.randaugment_layers": (0, None, " (0 = off)"),

@@ -1,4 +1,4 @@
-"""Loss, top-k accuracy, exact masked evaluation sums and a host-side train-metric mean.
+"""Loss, top-k accuracy and exact masked evaluation sums.
 
 Top-k definition (exact, deterministic): the label counts as in the top k when it is among
 the indices returned by `jax.lax.top_k(logits, k)`, which orders equal logits by lower
@@ -66,27 +66,3 @@ def finalize_eval(sums: Mapping[str, jax.Array | np.ndarray | float | int]) -> d
       "eval/num_examples": count,
   }
 
-
-class MeanAccumulator:
-  """Mean of per-step scalar train metrics between two log steps.
-
-  `add` only keeps references to the device arrays, so it never waits for the device;
-  `summary` fetches them all in one transfer at log time and averages in float64.
-  """
-
-  def __init__(self) -> None:
-    self._steps: list[Mapping[str, jax.Array]] = []
-
-  def __len__(self) -> int:
-    return len(self._steps)
-
-  def add(self, metrics: Mapping[str, jax.Array]) -> None:
-    self._steps.append(metrics)
-
-  def summary(self) -> dict[str, float]:
-    """{name: mean over the steps added since the last summary}; then starts afresh."""
-    if not self._steps:
-      raise ValueError("MeanAccumulator.summary: no steps were added since the last one.")
-    steps = jax.device_get(self._steps)
-    self._steps = []
-    return {name: float(np.mean([np.float64(s[name]) for s in steps])) for name in steps[0]}
