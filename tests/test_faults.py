@@ -142,6 +142,14 @@ def garble(path: pathlib.Path) -> None:
   path.write_bytes(bytes(raw))
 
 
+def data_files(state_folder: pathlib.Path) -> list[pathlib.Path]:
+  """Every array-data file of a checkpoint (OCDBT `d/` folders): the largest file alone
+  may hold no data that a restore reads."""
+  files = [p for p in state_folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files, f"no data files under {state_folder}"
+  return files
+
+
 def largest_file(folder: pathlib.Path) -> pathlib.Path:
   return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
@@ -193,7 +201,8 @@ def test_preemption_crash_and_damage_resume_bit_exact(fashion_mnist_dirs, env, t
 
   # A garbled file in the newest checkpoint: named on the console, and the run falls back
   # to the one before.
-  garble(largest_file(chain / "checkpoints" / str(s3) / "state"))
+  for data_file in data_files(chain / "checkpoints" / str(s3) / "state"):
+    garble(data_file)
   previous = steps_on_disk(chain)[-2]
   out = run(main_args(chain, fashion_mnist_dirs, *SCHEDULE), env, tmp_path / "4.log")
   assert re.search(rf"WARNING: checkpoint {chain}/checkpoints/{s3} is unreadable \(\w+: .+\); "
@@ -259,7 +268,7 @@ def test_damaged_checkpoints_are_named_and_skipped(tmp_path, capsys):
   assert str(error.value) == (
       f"No readable checkpoint in {folder} (tried steps 3, 2, 1; the reasons are printed "
       "above). Restore the folder from a backup, or move it away (or pass --start_over, "
-      "which deletes the whole workdir) to train from scratch.")
+      "which deletes the run's checkpoints and logs) to train from scratch.")
   lines = capsys.readouterr().out.splitlines()
   assert re.fullmatch(rf"WARNING: checkpoint {folder}/3 is unreadable \(ValueError: "
                       r"FAILED_PRECONDITION: Error reading .*ZSTD_decompressStream\(\) failed"

@@ -190,7 +190,7 @@ class CheckpointStore:
           f"No readable checkpoint in {manager.directory} (tried steps "
           f"{', '.join(map(str, steps))}; the reasons are printed above). Restore the "
           "folder from a backup, or move it away (or pass --start_over, which deletes "
-          "the whole workdir) to train from scratch.")
+          "the run's checkpoints and logs) to train from scratch.")
     return None
 
   def close(self) -> None:
