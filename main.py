@@ -1,4 +1,4 @@
-r"""vit_jax command line: train, eval, predict, visualize, bench.
+r"""vit_jax command line: train, eval, predict, visualize, export.
 
   python main.py --config=configs/cifar100.py --workdir=workdirs/cifar100
   python main.py --mode=eval --config=configs/cifar100.py --workdir=workdirs/cifar100
@@ -20,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "predict", "visualize", "bench", "export"],
+                          ["train", "eval", "predict", "visualize", "export"],
                           "What to do.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=export: the .npz file to write.")
 _WHICH = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
@@ -73,9 +73,9 @@ def _run(argv):
   from vit_jax import parallel  # After flag parsing: importing jax is slow.
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
-  if workdir is None and mode != "bench":
+  if workdir is None:
     raise app.UsageError(f"--mode={mode} needs --workdir=DIR.")
-  if mode in ("train", "eval", "bench") and config is None:
+  if mode in ("train", "eval") and config is None:
     raise app.UsageError(f"--mode={mode} needs --config=configs/NAME.py.")
   if config is not None:
     config_check.validate(config)  # Every mode: before any data or device work.
@@ -96,12 +96,9 @@ def _run(argv):
   elif mode == "predict":
     from vit_jax import predict
     predict.predict_files(workdir, _IMAGES.value, which=_WHICH.value, fmt=_FORMAT.value)
-  elif mode == "visualize":
+  else:
     from vit_jax import visualize
     visualize.make_pictures(workdir, _IMAGES.value, which=_WHICH.value)
-  else:
-    from vit_jax import bench
-    bench.run(config)
 
 
 if __name__ == "__main__":
