@@ -174,3 +174,60 @@ def test_bad_inputs_raise_clear_errors():
     models.create_model("ViT-X/3", num_classes=10)
   with pytest.raises(ValueError, match=r"Unknown model option\(s\) \['widht'\]"):
     models.create_model("ViT-Ti/4", num_classes=10, widht=3)
+
+
+# --- Hand-written backward passes (models.py: matmul, attention, LayerNorm) -------------
+
+
+def _reference_attention(q, k, v, key, rate):
+  """softmax(q k^T) [dropout] v, differentiated by autodiff."""
+  p = jax.nn.softmax(jnp.einsum("bhlk,bhtk->bhlt", q, k), axis=-1)
+  if key is not None:
+    p = jnp.where(models.dropout_keep_mask(key, p.shape, rate), p / (1 - rate), 0.0)
+  return jnp.einsum("bhlt,bhtk->bhlk", p, v)
+
+
+def _reference_layer_norm(x, scale, bias, eps):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + eps) * scale + bias
+
+
+def _assert_same_gradients(f, reference, args):
+  """Same values and same vector-Jacobian products (for a random cotangent) as autodiff."""
+  y, vjp = jax.vjp(f, *args)
+  y_ref, vjp_ref = jax.vjp(reference, *args)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-6)
+  cotangent = jax.random.normal(jax.random.key(9), y.shape)
+  for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_attention_backward_pass_equals_autodiff(rate):
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 4, 7, 8))
+  key = jax.random.key(5) if rate else None
+  _assert_same_gradients(lambda q, k, v: models._attention(q, k, v, key, rate),
+                         lambda q, k, v: _reference_attention(q, k, v, key, rate), (q, k, v))
+
+
+def test_dense_and_layer_norm_backward_passes_equal_autodiff():
+  x = jax.random.normal(jax.random.key(1), (2, 5, 6))
+  w = jax.random.normal(jax.random.key(2), (6, 3, 4))
+  dims = (((2,), (0,)), ((), ()))
+  _assert_same_gradients(lambda x, w: models.dense_dot_general(x, w, dims),
+                         lambda x, w: jax.lax.dot_general(x, w, dims), (x, w))
+  scale, bias = jax.random.normal(jax.random.key(3), (2, 6))
+  _assert_same_gradients(lambda *a: models._layer_norm(*a, 1e-6),
+                         lambda *a: _reference_layer_norm(*a, 1e-6), (3 * x + 1, scale, bias))
+
+
+def test_dropout_mask_keeps_the_right_fraction_and_depends_only_on_key_and_shape():
+  shape = (64, 128, 128)  # 1M elements: the kept fraction is within 0.1% of 1 - rate.
+  a = models.dropout_keep_mask(jax.random.key(0), shape, 0.3)
+  assert a.shape == shape and a.dtype == jnp.bool_
+  assert abs(float(a.mean()) - 0.7) < 1e-3
+  np.testing.assert_array_equal(a, models.dropout_keep_mask(jax.random.key(0), shape, 0.3))
+  b = models.dropout_keep_mask(jax.random.key(1), shape, 0.3)
+  assert abs(float((a == b).mean()) - (0.7**2 + 0.3**2)) < 2e-3  # Independent of a.
+  assert float(models.dropout_keep_mask(jax.random.key(0), shape, 0.0).mean()) == 1.0

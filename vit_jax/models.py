@@ -20,19 +20,207 @@ and returns float32 logits:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Array = jax.Array
 Dtype = Any
 
 
 def _gelu(x: Array, approximate: bool) -> Array:
-  return nn.gelu(x, approximate=approximate)
+  """GELU; exact is x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)).
+
+  XLA's native erf is one fused polynomial; `nn.gelu`'s erfc form expands into exp,
+  selects and two loops on CPU, for the same values to 1e-6 absolute.
+  """
+  if approximate:
+    return nn.gelu(x, approximate=True)
+  return x * (0.5 + 0.5 * lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
+
+
+@jax.custom_vjp
+def _matmul(a_NxK: Array, b_KxF: Array) -> Array:
+  return a_NxK @ b_KxF
+
+
+def _matmul_fwd(a_NxK, b_KxF):
+  return a_NxK @ b_KxF, (a_NxK, b_KxF)
+
+
+def _matmul_bwd(residuals, g_NxF):
+  a_NxK, b_KxF = residuals
+  # Autodiff would form the weight gradient as (g^T a)^T; XLA's CPU dot wants the
+  # contracted axis of its left operand minor, so g (the big one) was transposed in
+  # memory first. a^T g transposes the small activation instead: 3x faster.
+  da_NxK = lax.dot_general(g_NxF, b_KxF, (((1,), (1,)), ((), ())))
+  db_KxF = lax.dot_general(a_NxK, g_NxF, (((0,), (0,)), ((), ())))
+  return da_NxK.astype(a_NxK.dtype), db_KxF.astype(b_KxF.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> Array:
+  """`lax.dot_general` for dense layers (trailing axes of lhs x leading axes of rhs) as
+  one 2-D matmul with a hand-written backward pass (see `_matmul_bwd`)."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  n = len(lhs_contract)
+  if (lhs_batch or rhs_batch or precision is not None
+      or preferred_element_type is not None
+      or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
+      or tuple(rhs_contract) != tuple(range(n))):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+  free_shape, out_shape = lhs.shape[:lhs.ndim - n], rhs.shape[n:]
+  contract = int(np.prod(rhs.shape[:n]))
+  y = _matmul(lhs.reshape(-1, contract), rhs.reshape(contract, -1))
+  return y.reshape(*free_shape, *out_shape)
+
+
+# Contract the last axis of B x L x D with the first of a D x ... kernel.
+_DENSE_DIMS = (((2,), (0,)), ((), ()))
+
+
+def _head_matmul(a: Array, b: Array, a_contract: int, b_contract: int) -> Array:
+  """Matmul of B x H x . x . stacks, batched over the leading (B, H) axes."""
+  return lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))))
+
+
+def _attention_probs(q_BxHxLxK, k_BxHxTxK):
+  logits_BxHxLxT = _head_matmul(q_BxHxLxK, k_BxHxTxK, 3, 3).astype(jnp.float32)
+  return jax.nn.softmax(logits_BxHxLxT, axis=-1)
+
+
+def _maybe_drop(p_BxHxLxT: Array, key: Array | None, rate: float) -> Array:
+  if key is None or rate == 0.0:
+    return p_BxHxLxT
+  keep = dropout_keep_mask(key, p_BxHxLxT.shape, rate)
+  return jnp.where(keep, p_BxHxLxT / (1.0 - rate), 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q_BxHxLxK, k_BxHxTxK, v_BxHxTxK, key, rate):
+  """softmax(q k^T) [dropout] v for (already scaled) head-major q, k, v: B x H x L x K."""
+  return _attention_fwd(q_BxHxLxK, k_BxHxTxK, v_BxHxTxK, key, rate)[0]
+
+
+def _attention_fwd(q_BxHxLxK, k_BxHxTxK, v_BxHxTxK, key, rate):
+  p_BxHxLxT = _attention_probs(q_BxHxLxK, k_BxHxTxK)
+  dropped_BxHxLxT = _maybe_drop(p_BxHxLxT, key, rate).astype(v_BxHxTxK.dtype)
+  out_BxHxLxK = _head_matmul(dropped_BxHxLxT, v_BxHxTxK, 3, 2)
+  return out_BxHxLxK, (q_BxHxLxK, k_BxHxTxK, v_BxHxTxK, p_BxHxLxT, key)
+
+
+def _attention_bwd(rate, residuals, g_BxHxLxK):
+  # The dropout mask is recomputed from its key (a few integer ops per element) rather
+  # than kept; every matmul is laid out so that XLA's CPU dot needs no operand copies.
+  q_BxHxLxK, k_BxHxTxK, v_BxHxTxK, p_BxHxLxT, key = residuals
+  dtype = v_BxHxTxK.dtype
+  dropped_BxHxLxT = _maybe_drop(p_BxHxLxT, key, rate).astype(dtype)
+  dv_BxHxTxK = _head_matmul(dropped_BxHxLxT, g_BxHxLxK, 2, 2)
+  d_dropped_BxHxLxT = _head_matmul(g_BxHxLxK, v_BxHxTxK, 3, 3).astype(jnp.float32)
+  dp_BxHxLxT = _maybe_drop(d_dropped_BxHxLxT, key, rate)
+  dlogits_BxHxLxT = p_BxHxLxT * (dp_BxHxLxT - jnp.sum(dp_BxHxLxT * p_BxHxLxT, -1,
+                                                      keepdims=True))
+  dlogits_BxHxLxT = dlogits_BxHxLxT.astype(dtype)
+  dq_BxHxLxK = _head_matmul(dlogits_BxHxLxT, k_BxHxTxK, 3, 2)
+  dk_BxHxTxK = _head_matmul(dlogits_BxHxLxT, q_BxHxLxK, 2, 2)
+  return dq_BxHxLxK, dk_BxHxTxK, dv_BxHxTxK, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: Array, scale_D: Array, bias_D: Array, eps: float) -> Array:
+  return _layer_norm_fwd(x, scale_D, bias_D, eps)[0]
+
+
+def _layer_norm_fwd(x, scale_D, bias_D, eps):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, -1, keepdims=True)
+  centered = x32 - mean
+  rstd = lax.rsqrt(jnp.mean(jnp.square(centered), -1, keepdims=True) + eps)
+  normed = centered * rstd
+  y = (normed * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(x.dtype)
+  return y, (x, mean, rstd, scale_D)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  # Autodiff keeps the broadcast 1/std (a full-size array) for the backward pass; here
+  # only the per-row mean and 1/std are kept and `normed` is recomputed.
+  del eps
+  x, mean, rstd, scale_D = residuals
+  normed = (x.astype(jnp.float32) - mean) * rstd
+  g32 = g.astype(jnp.float32)
+  reduce_axes = tuple(range(g.ndim - 1))
+  dscale_D = jnp.sum(g32 * normed, reduce_axes)
+  dbias_D = jnp.sum(g32, reduce_axes)
+  dnormed = g32 * scale_D.astype(jnp.float32)
+  dx = rstd * (dnormed - jnp.mean(dnormed, -1, keepdims=True)
+               - normed * jnp.mean(dnormed * normed, -1, keepdims=True))
+  return dx.astype(x.dtype), dscale_D.astype(scale_D.dtype), dbias_D.astype(scale_D.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """`nn.LayerNorm(epsilon)` over the last axis (same `scale`/`bias` parameters), with a
+  backward pass that keeps per-row statistics only (see `_layer_norm_bwd`)."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    scale_D = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias_D = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    return _layer_norm(x.astype(self.dtype), scale_D, bias_D, self.epsilon)
+
+
+def _mix32(x: Array) -> Array:
+  """A 32-bit integer bijection with full avalanche (Wellons' lowbias32)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def dropout_keep_mask(key: Array, shape: tuple[int, ...], rate: float) -> Array:
+  """Bernoulli(1 - rate) mask: a keyed counter-based hash of each element's index.
+
+  Two key words from `key` (threefry) seed a hash of the flat index, so the mask is a
+  pure function of (key, shape) like `jax.random.bernoulli`, but costs a few integer ops
+  per element and fuses into its consumer; threefry's rolled loops on CPU made dropout
+  on the attention weights a third of a training step. The keep probability is exact to
+  2**-32.
+  """
+  size = int(np.prod(shape))
+  if size >= 2**32:
+    return jax.random.bernoulli(key, 1.0 - rate, shape)
+  k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
+  index = lax.iota(jnp.uint32, size).reshape(shape)
+  bits = _mix32(_mix32(index ^ k0) + k1)
+  return bits >= jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+
+
+def _dropout(module: nn.Module, x: Array, rate: float, train: bool) -> Array:
+  """Inverted dropout like `nn.Dropout` (drawing from the "dropout" rng stream)."""
+  if not train or rate == 0.0:
+    return x
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  keep = dropout_keep_mask(module.make_rng("dropout"), x.shape, rate)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 def _drop_path(module: nn.Module, x_BxLxD: Array, rate: Array | float, train: bool,
@@ -61,14 +249,33 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: Array, train: bool) -> Array:
     dense = lambda features, name: nn.Dense(  # noqa: E731
-        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        features, dtype=self.dtype, dot_general=dense_dot_general,
+        kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     y_BxLxM = _gelu(dense(self.mlp_dim, "Dense_0")(x_BxLxD), self.gelu_approximate)
-    y_BxLxM = nn.Dropout(self.dropout_rate)(y_BxLxM, deterministic=not train)
+    y_BxLxM = _dropout(self, y_BxLxM, self.dropout_rate, train)
     y_BxLxD = dense(x_BxLxD.shape[-1], "Dense_1")(y_BxLxM)
     if self.activate_output:
       y_BxLxD = _gelu(y_BxLxD, self.gelu_approximate)
-    return nn.Dropout(self.dropout_rate)(y_BxLxD, deterministic=not train)
+    return _dropout(self, y_BxLxD, self.dropout_rate, train)
+
+
+class _ProjectionParams(nn.Module):
+  """The `kernel` (D x H x K) and `bias` (H x K) of `nn.DenseGeneral((H, K))` over the last
+  axis, with its names, shapes and initial values, for callers that apply them fused."""
+  in_features: int
+  features: tuple[int, int]
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    flat_features = int(np.prod(self.features))
+    init = nn.initializers.xavier_uniform()  # DenseGeneral draws 2-D, then reshapes.
+    kernel = self.param(
+        "kernel", lambda rng, shape, dtype: init(rng, (self.in_features, flat_features),
+                                                 dtype).reshape(shape),
+        (self.in_features, *self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, self.features, jnp.float32)
+    return kernel, bias
 
 
 class SelfAttention(nn.Module):
@@ -76,7 +283,9 @@ class SelfAttention(nn.Module):
 
   q/k/v are num_heads x head_dim wide, which may differ from the residual width D
   (Keras MultiHeadAttention(num_heads=4, key_dim=64) in a 64-wide stream is 4 x 64).
-  Without dropout on the weights and without a request for them, the fused
+  On CPU, q, k and v come from one matmul with the three kernels side by side, and
+  `_attention` (head-major, with its own backward pass) runs; elsewhere, without dropout
+  on the weights and without a request for them, the fused
   `jax.nn.dot_product_attention` runs (cuDNN flash attention on GPU).
   """
   num_heads: int
@@ -87,22 +296,38 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: Array, train: bool,
                return_weights: bool) -> tuple[Array, Array | None]:
-    proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, self.head_dim), dtype=self.dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name=name)
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (proj(n)(x_BxLxD) for n in ("query", "key", "value"))
+    features = (self.num_heads, self.head_dim)
+    (wq_DxHxK, bq_HxK), (wk_DxHxK, bk_HxK), (wv_DxHxK, bv_HxK) = (
+        _ProjectionParams(x_BxLxD.shape[-1], features, name=n)()
+        for n in ("query", "key", "value"))
+    x_BxLxD = x_BxLxD.astype(self.dtype)
+    scale = 1.0 / np.sqrt(self.head_dim)
     weights_BxHxLxL = None
-    if return_weights or (train and self.dropout_rate > 0):
-      scale = 1.0 / np.sqrt(self.head_dim)
-      logits_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK * scale, k_BxLxHxK)
-      weights_BxHxLxL = jax.nn.softmax(logits_BxHxLxL.astype(jnp.float32), axis=-1)
-      dropped_BxHxLxL = nn.Dropout(self.dropout_rate)(weights_BxHxLxL,
-                                                      deterministic=not train)
-      out_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", dropped_BxHxLxL.astype(self.dtype),
-                               v_BxLxHxK)
+    if not return_weights and jax.default_backend() == "cpu":
+      # The softmax scale is folded into the query kernel and bias (D x H x K, not L x K).
+      w_Dx3xHxK = jnp.stack([wq_DxHxK * scale, wk_DxHxK, wv_DxHxK], 1).astype(self.dtype)
+      b_3xHxK = jnp.stack([bq_HxK * scale, bk_HxK, bv_HxK]).astype(self.dtype)
+      qkv_BxLx3xHxK = dense_dot_general(x_BxLxD, w_Dx3xHxK, _DENSE_DIMS) + b_3xHxK
+      q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = jnp.transpose(qkv_BxLx3xHxK, (2, 0, 3, 1, 4))
+      rate = self.dropout_rate if train else 0.0
+      key = self.make_rng("dropout") if rate > 0 else None
+      out_BxHxLxK = _attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, key, rate)
+      out_BxLxHxK = jnp.transpose(out_BxHxLxK, (0, 2, 1, 3))
     else:
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+          dense_dot_general(x_BxLxD, w.astype(self.dtype), _DENSE_DIMS)
+          + b.astype(self.dtype)
+          for w, b in ((wq_DxHxK, bq_HxK), (wk_DxHxK, bk_HxK), (wv_DxHxK, bv_HxK)))
+      if return_weights or (train and self.dropout_rate > 0):
+        logits_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK * scale, k_BxLxHxK)
+        weights_BxHxLxL = jax.nn.softmax(logits_BxHxLxL.astype(jnp.float32), axis=-1)
+        dropped_BxHxLxL = _dropout(self, weights_BxHxLxL, self.dropout_rate, train)
+        out_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", dropped_BxHxLxL.astype(self.dtype),
+                                 v_BxLxHxK)
+      else:
+        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
     out_BxLxD = nn.DenseGeneral(x_BxLxD.shape[-1], axis=(-2, -1), dtype=self.dtype,
+                                dot_general=dense_dot_general,
                                 kernel_init=nn.initializers.xavier_uniform(),
                                 name="out")(out_BxLxHxK)
     return out_BxLxD, weights_BxHxLxL
@@ -124,13 +349,13 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: Array, drop_path_rate: Array | float, train: bool,
                return_weights: bool) -> tuple[Array, Array | None]:
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)  # noqa: E731
+    norm = lambda name: LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)  # noqa: E731
     y_BxLxD, weights = SelfAttention(
         self.num_heads, self.head_dim, self.attention_dropout_rate, self.dtype,
         name="MultiHeadDotProductAttention_1")(norm("LayerNorm_0")(x_BxLxD), train,
                                                return_weights)
     if self.residual_dropout:
-      y_BxLxD = nn.Dropout(self.dropout_rate)(y_BxLxD, deterministic=not train)
+      y_BxLxD = _dropout(self, y_BxLxD, self.dropout_rate, train)
     x_BxLxD = x_BxLxD + _drop_path(self, y_BxLxD, drop_path_rate, train,
                                    self.drop_path_enabled)
     y_BxLxD = MlpBlock(self.mlp_dim, self.dropout_rate, self.mlp_activate_output,
@@ -164,7 +389,7 @@ class Encoder(nn.Module):
                return_weights: bool) -> tuple[Array, tuple[Array, ...]]:
     x_BxLxD = AddPositionEmbedding(name="posembed_input")(x_BxLxD)
     if self.residual_dropout:
-      x_BxLxD = nn.Dropout(self.dropout_rate)(x_BxLxD, deterministic=not train)
+      x_BxLxD = _dropout(self, x_BxLxD, self.dropout_rate, train)
     # Stochastic depth grows linearly with depth (DeiT/timm): 0 at the first block.
     rates_L = np.linspace(0.0, self.stochastic_depth_rate, self.depth, dtype=np.float32)
     block_kwargs = dict(self.block_kwargs, dtype=self.dtype,
@@ -187,7 +412,7 @@ class Encoder(nn.Module):
             x_BxLxD, float(rates_L[i]), train, return_weights)
         weights.append(w)
       weights = tuple(weights) if return_weights else ()
-    x_BxLxD = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x_BxLxD)
+    x_BxLxD = LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x_BxLxD)
     return x_BxLxD, weights
 
 
@@ -268,16 +493,19 @@ class VisionTransformer(nn.Module):
       x_BxF = x_BxNxD[:, int(self.class_token):].mean(axis=1)
     else:
       x_BxF = x_BxNxD.reshape(b, -1)
-    x_BxF = nn.Dropout(self.head_dropout_rate)(x_BxF, deterministic=not train)
+    x_BxF = _dropout(self, x_BxF, self.head_dropout_rate, train)
     for i, features in enumerate(self.head_hidden_dims):
-      x_BxF = _gelu(nn.Dense(features, dtype=self.dtype, name=f"head_hidden_{i}")(x_BxF),
+      x_BxF = _gelu(nn.Dense(features, dtype=self.dtype, dot_general=dense_dot_general,
+                             name=f"head_hidden_{i}")(x_BxF),
                     self.gelu_approximate)
-      x_BxF = nn.Dropout(self.head_dropout_rate)(x_BxF, deterministic=not train)
+      x_BxF = _dropout(self, x_BxF, self.head_dropout_rate, train)
     if self.representation_size:
       x_BxF = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
+                                dot_general=dense_dot_general,
                                 name="pre_logits")(x_BxF))
     head_init = nn.initializers.zeros if self.zero_head_init else nn.initializers.lecun_normal()
     logits_BxK = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=head_init,
+                          dot_general=dense_dot_general,
                           name="head")(x_BxF).astype(jnp.float32)
     if return_intermediates:
       return logits_BxK, {"pre_logits": x_BxF.astype(jnp.float32),
