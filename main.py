@@ -1,8 +1,9 @@
-r"""vit_jax command line: train, eval, predict, visualize, export.
+r"""vit_jax command line: train, eval, predict, visualize, export, bench.
 
   python main.py --config=configs/cifar100.py --workdir=workdirs/cifar100
   python main.py --mode=eval --config=configs/cifar100.py --workdir=workdirs/cifar100
   python main.py --config=configs/cifar100.py:keras --config.batch_size=128 --workdir=...
+  python main.py --mode=bench --config=configs/cifar100.py   # speed; needs no workdir
 
 Multi-host: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I to
 every process (found automatically on TPU pods and SLURM).
@@ -20,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "predict", "visualize", "export"],
+                          ["train", "eval", "predict", "visualize", "export", "bench"],
                           "What to do.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=export: the .npz file to write.")
 _WHICH = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
@@ -73,9 +74,9 @@ def _run(argv):
   from vit_jax import parallel  # After flag parsing: importing jax is slow.
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
-  if workdir is None:
+  if workdir is None and mode != "bench":
     raise app.UsageError(f"--mode={mode} needs --workdir=DIR.")
-  if mode in ("train", "eval") and config is None:
+  if mode in ("train", "eval", "bench") and config is None:
     raise app.UsageError(f"--mode={mode} needs --config=configs/NAME.py.")
   if config is not None:
     config_check.validate(config)  # Every mode: before any data or device work.
@@ -87,6 +88,9 @@ def _run(argv):
   elif mode == "eval":
     from vit_jax import evaluate
     evaluate.evaluate(config, workdir, _WHICH.value)
+  elif mode == "bench":
+    from vit_jax import bench
+    bench.run(config)
   elif mode == "export":
     if not _OUTPUT.value:
       raise app.UsageError("--mode=export needs --output=PATH.npz.")

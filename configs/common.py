@@ -104,6 +104,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.freeze_backbone = False  # Linear probe: train the head only.
   config.layer_decay = 1.0  # Layer-wise lr decay factor (1.0 = off).
   config.backbone_lr_mult = 1.0  # Backbone lr as a fraction of the head's.
+
+  # --- Benchmark (--mode=bench) -------------------------------------------------
+  config.bench = ml_collections.ConfigDict()
+  config.bench.warmup_steps = 2  # Untimed train steps after compilation.
+  config.bench.steps = 10  # Timed train steps (the median is reported).
+  config.bench.eval_steps = 5  # Timed eval steps (after one untimed).
+  config.bench.input_batches = 20  # Batches through the real input pipeline (0 = skip).
+  config.bench.matmul_size = 2048  # CPU peak: an f32 matmul of this size (0 = skip, no MFU).
+  config.bench.matmul_reps = 10  # Timed matmuls (the median is the peak).
   return config
 
 

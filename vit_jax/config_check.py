@@ -54,6 +54,12 @@ _INTS = {
     "seed": (0, 2**32 - 1, ""),
     "aug.crop_padding": (0, None, ""),
     "aug.randaugment_layers": (0, None, " (0 = off)"),
+    "bench.warmup_steps": (0, None, ""),
+    "bench.steps": (1, None, ""),
+    "bench.eval_steps": (1, None, ""),
+    "bench.input_batches": (0, None, " (0 = skip the input pipeline)"),
+    "bench.matmul_size": (0, None, " (0 = no CPU peak, no MFU)"),
+    "bench.matmul_reps": (1, None, ""),
 }
 # Finite real numbers: key -> (low, low included, high, high included).
 _REALS = {

@@ -1,0 +1,162 @@
+"""Benchmark mode: every reported field, FLOP counts against the analytic formula, peaks.
+
+Nothing here asserts a speed: only that the numbers exist, have the right types and are
+in sane ranges. Tiny models and few steps keep each run to seconds.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import pytest
+
+from configs import common
+from vit_jax import bench, models
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The 2-block, 32-wide ViT of the train tests, on 8 simulated devices: batch 16.
+TINY_OVERRIDES = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
+NUMBER_KEYS = ("train/images_per_sec", "train/step_ms", "train/flops_per_image",
+               "train/model_flops_per_image", "train/tflops_per_sec", "train/mfu",
+               "device/peak_tflops", "eval/images_per_sec", "eval/step_ms", "compile_s")
+INT_KEYS = ("devices", "batch_size", "params")
+STR_KEYS = ("train/flops_source", "dtype", "jax_version", "model", "device/peak_source")
+
+
+def _forward_mflops(img, patch, chans, width, depth, heads, head_dim, mlp, cls_token, head,
+                    flatten_head, classes):
+  """The analytic count of /work/shared/peers/vit_flops.py: 2*M*N*K of every dense layer,
+  Q.K^T and P.V; elementwise ops not counted."""
+  n_patch = (img // patch) ** 2
+  t = n_patch + int(cls_token)
+  inner = heads * head_dim
+  per_layer = 3 * t * width * inner * 2 + 2 * heads * t * t * head_dim * 2 + t * inner * width * 2
+  prev = width
+  for m in mlp:
+    per_layer += t * prev * m * 2
+    prev = m
+  total = n_patch * patch * patch * chans * width * 2 + depth * per_layer
+  prev = t * width if flatten_head else width
+  for m in list(head) + [classes]:
+    total += prev * m * 2
+    prev = m
+  return total / 1e6
+
+
+@pytest.mark.parametrize("name,image_size,formula_mflops,published_mflops", [
+    ("ViT-Ti/4", 32, _forward_mflops(32, 4, 3, 192, 12, 3, 64, [768, 192], True, [], False,
+                                     100), 730.3),
+    ("keras-example", 72, _forward_mflops(72, 6, 3, 64, 8, 4, 64, [128, 64], False,
+                                          [2048, 1024], True, 100), 402.8),
+])
+def test_forward_matmul_flops_equal_the_formula(name, image_size, formula_mflops,
+                                                published_mflops):
+  model = models.create_model(name, num_classes=100)
+  counted = bench.forward_matmul_flops(model, (image_size, image_size, 3)) / 1e6
+  assert counted == pytest.approx(formula_mflops, rel=1e-6)  # Exact up to float rounding.
+  assert counted == pytest.approx(published_mflops, abs=0.1)  # The peers' README (1 d.p.).
+
+
+def test_matmul_flops_count_scanned_layers_once_per_layer():
+  unrolled = models.create_model("ViT-Ti/4", num_classes=10, **TINY_OVERRIDES)
+  scanned = models.create_model("ViT-Ti/4", num_classes=10, scan_layers=True, remat=True,
+                                **TINY_OVERRIDES)
+  assert bench.forward_matmul_flops(scanned, (32, 32, 3)) == pytest.approx(
+      bench.forward_matmul_flops(unrolled, (32, 32, 3)))
+
+
+def test_dataset_shapes_come_without_downloading():
+  config = common.get_base_config()
+  assert bench.dataset_shape(config) == ((32, 32, 3), 100)  # cifar100
+  config.dataset = "fashion_mnist"
+  assert bench.dataset_shape(config) == ((28, 28, 1), 10)
+  config.dataset, config.image_size = "imagenet2012", 224
+  assert bench.dataset_shape(config) == ((224, 224, 3), 1000)
+  config.dataset = "no_such_dataset_xyz"
+  with pytest.raises(ValueError, match="does not know the image shape"):
+    bench.dataset_shape(config)
+
+
+def test_peak_table():
+  assert bench.table_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+  assert bench.table_peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 494.0
+  assert bench.table_peak_tflops("TPU v4", "float32") == 275.0
+  assert bench.table_peak_tflops("cpu", "float32") is None
+
+
+def _tiny_config(dataset: str = "cifar100") -> ml_collections.ConfigDict:
+  config = common.get_base_config()
+  config.dataset = dataset
+  config.image_size = 32 if dataset == "cifar100" else 28
+  config.model.overrides.update(TINY_OVERRIDES)
+  config.batch_size = config.eval_batch_size = 16
+  config.bench.update(dict(warmup_steps=1, steps=2, eval_steps=1, input_batches=2,
+                           matmul_size=256, matmul_reps=2))
+  return config
+
+
+def _json_line(text: str) -> dict:
+  lines = [line for line in text.splitlines() if line.startswith("{")]
+  assert len(lines) == 1, text
+  return json.loads(lines[0])
+
+
+def _check_fields(result: dict, devices: int) -> None:
+  for key in NUMBER_KEYS:
+    assert isinstance(result[key], float) and result[key] > 0, key
+  for key in INT_KEYS:
+    assert isinstance(result[key], int) and result[key] > 0, key
+  for key in STR_KEYS:
+    assert isinstance(result[key], str) and result[key], key
+  assert "input/images_per_sec" in result
+  assert 0 < result["train/mfu"] < 1.5
+  assert result["jax_version"] == jax.__version__
+  assert result["devices"] == devices
+  assert result["train/flops_source"] in ("xla_cost_analysis", "formula")
+  # XLA counts every op (elementwise, optimiser) on top of the model's matmuls.
+  assert 0.8 < result["train/flops_per_image"] / result["train/model_flops_per_image"] < 5
+  assert result["train/step_ms_min"] <= result["train/step_ms"] <= result["train/step_ms_max"]
+
+
+def test_bench_run_reports_every_field(capsys, tmp_path):
+  config = _tiny_config()
+  config.data_dir = str(tmp_path)  # No cifar100 here: the input rate is skipped, not fetched.
+  result = bench.run(config)
+  printed = _json_line(capsys.readouterr().out)
+  assert printed == json.loads(json.dumps(result))
+  _check_fields(printed, jax.device_count())
+  assert printed["input/images_per_sec"] is None
+  assert "not prepared" in printed["input/skipped"]
+  assert printed["batch_size"] == 16 and printed["model"] == "ViT-Ti/4"
+  assert printed["params"] == models.count_params(
+      models.create_model("ViT-Ti/4", num_classes=100, **TINY_OVERRIDES), 32)
+
+
+def test_bench_measures_the_input_pipeline_when_the_data_is_there(capsys, fashion_mnist_dirs):
+  config = _tiny_config("fashion_mnist")
+  config.manual_dir, config.data_dir = fashion_mnist_dirs
+  config.train_split = "train[:2048]"
+  result = bench.run(config)
+  _check_fields(_json_line(capsys.readouterr().out), jax.device_count())
+  assert result["input/images_per_sec"] > 0 and result["input/skipped"] is None
+  assert result["input_shape"] == [28, 28, 1] and result["num_classes"] == 10
+
+
+def test_main_bench_mode_prints_the_table_and_one_json_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, str(REPO / "main.py"), "--mode=bench", "--config=configs/cifar100.py",
+       f"--config.data_dir={tmp_path}", "--config.batch_size=16",
+       "--config.eval_batch_size=16", "--config.model.name=ViT-Ti/4",
+       *[f"--config.model.overrides.{k}={v}" for k, v in TINY_OVERRIDES.items()],
+       "--config.aug.randaugment_layers=0"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  result = _json_line(out.stdout)
+  _check_fields(result, devices=2)
+  for label in ("train", "eval", "input", "compile", "devices"):
+    assert any(line.startswith(label) for line in out.stdout.splitlines()), label
