@@ -205,10 +205,15 @@ def _assert_same_gradients(f, reference, args):
 
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_attention_backward_pass_equals_autodiff(rate):
-  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 4, 7, 8))
+  qkv_BxLx3xHxK = jax.random.normal(jax.random.key(0), (2, 7, 3, 4, 8))
   key = jax.random.key(5) if rate else None
-  _assert_same_gradients(lambda q, k, v: models._attention(q, k, v, key, rate),
-                         lambda q, k, v: _reference_attention(q, k, v, key, rate), (q, k, v))
+
+  def reference(qkv_BxLx3xHxK):
+    q, k, v = jnp.transpose(qkv_BxLx3xHxK, (2, 0, 3, 1, 4))
+    return jnp.transpose(_reference_attention(q, k, v, key, rate), (0, 2, 1, 3))
+
+  _assert_same_gradients(lambda qkv: models._fused_attention(qkv, key, rate), reference,
+                         (qkv_BxLx3xHxK,))
 
 
 def test_dense_and_layer_norm_backward_passes_equal_autodiff():

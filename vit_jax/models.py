@@ -105,12 +105,6 @@ def _maybe_drop(p_BxHxLxT: Array, key: Array | None, rate: float) -> Array:
   return jnp.where(keep, p_BxHxLxT / (1.0 - rate), 0.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q_BxHxLxK, k_BxHxTxK, v_BxHxTxK, key, rate):
-  """softmax(q k^T) [dropout] v for (already scaled) head-major q, k, v: B x H x L x K."""
-  return _attention_fwd(q_BxHxLxK, k_BxHxTxK, v_BxHxTxK, key, rate)[0]
-
-
 def _attention_fwd(q_BxHxLxK, k_BxHxTxK, v_BxHxTxK, key, rate):
   p_BxHxLxT = _attention_probs(q_BxHxLxK, k_BxHxTxK)
   dropped_BxHxLxT = _maybe_drop(p_BxHxLxT, key, rate).astype(v_BxHxTxK.dtype)
@@ -135,7 +129,28 @@ def _attention_bwd(rate, residuals, g_BxHxLxK):
   return dq_BxHxLxK, dk_BxHxTxK, dv_BxHxTxK, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fused_attention(qkv_BxLx3xHxK: Array, key: Array | None, rate: float) -> Array:
+  """softmax(q k^T) [dropout] v, B x L x H x K, from fused projections (q already scaled)."""
+  return _fused_attention_fwd(qkv_BxLx3xHxK, key, rate)[0]
+
+
+def _fused_attention_fwd(qkv_BxLx3xHxK, key, rate):
+  q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = jnp.transpose(qkv_BxLx3xHxK, (2, 0, 3, 1, 4))
+  out_BxHxLxK, residuals = _attention_fwd(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, key, rate)
+  return jnp.transpose(out_BxHxLxK, (0, 2, 1, 3)), residuals
+
+
+def _fused_attention_bwd(rate, residuals, g_BxLxHxK):
+  dq_BxHxLxK, dk_BxHxLxK, dv_BxHxLxK, _ = _attention_bwd(
+      rate, residuals, jnp.transpose(g_BxLxHxK, (0, 2, 1, 3)))
+  # One stack-and-transpose: autodiff of the split above pads each gradient to the
+  # full 3 x B x H x L x K, adds them and transposes (a third of the attention time).
+  d_3xBxHxLxK = jnp.stack([dq_BxHxLxK, dk_BxHxLxK, dv_BxHxLxK])
+  return jnp.transpose(d_3xBxHxLxK, (1, 3, 0, 2, 4)), None
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -284,7 +299,7 @@ class SelfAttention(nn.Module):
   q/k/v are num_heads x head_dim wide, which may differ from the residual width D
   (Keras MultiHeadAttention(num_heads=4, key_dim=64) in a 64-wide stream is 4 x 64).
   On CPU, q, k and v come from one matmul with the three kernels side by side, and
-  `_attention` (head-major, with its own backward pass) runs; elsewhere, without dropout
+  `_fused_attention` (head-major, with its own backward pass) runs; elsewhere, without dropout
   on the weights and without a request for them, the fused
   `jax.nn.dot_product_attention` runs (cuDNN flash attention on GPU).
   """
@@ -308,11 +323,9 @@ class SelfAttention(nn.Module):
       w_Dx3xHxK = jnp.stack([wq_DxHxK * scale, wk_DxHxK, wv_DxHxK], 1).astype(self.dtype)
       b_3xHxK = jnp.stack([bq_HxK * scale, bk_HxK, bv_HxK]).astype(self.dtype)
       qkv_BxLx3xHxK = dense_dot_general(x_BxLxD, w_Dx3xHxK, _DENSE_DIMS) + b_3xHxK
-      q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = jnp.transpose(qkv_BxLx3xHxK, (2, 0, 3, 1, 4))
       rate = self.dropout_rate if train else 0.0
       key = self.make_rng("dropout") if rate > 0 else None
-      out_BxHxLxK = _attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, key, rate)
-      out_BxLxHxK = jnp.transpose(out_BxHxLxK, (0, 2, 1, 3))
+      out_BxLxHxK = _fused_attention(qkv_BxLx3xHxK, key, rate)
     else:
       q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
           dense_dot_general(x_BxLxD, w.astype(self.dtype), _DENSE_DIMS)
