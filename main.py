@@ -54,6 +54,12 @@ def _start_over(workdir: str) -> None:
   multihost_utils.sync_global_devices("start_over")
 
 
+def _use_compilation_cache(cache_dir: str) -> None:
+  import jax
+  if cache_dir and jax.config.jax_compilation_cache_dir is None:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
+
+
 def main(argv):
   from vit_jax import host_memory
   host_memory.keep_freed_memory()  # Before jax starts its threads: see host_memory.py.
@@ -82,6 +88,7 @@ def _run(argv):
     raise app.UsageError(f"--mode={mode} needs --config=configs/NAME.py.")
   if config is not None:
     config_check.validate(config)  # Every mode: before any data or device work.
+    _use_compilation_cache(config.compilation_cache_dir)
   if mode == "train":
     if _START_OVER.value:
       _start_over(workdir)

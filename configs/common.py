@@ -95,6 +95,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.remat = False  # Recompute block activations in the backward pass.
   config.scan_layers = False  # One compiled block scanned over depth (fast compiles).
   config.on_nonfinite = "stop"  # "stop" at a NaN/Inf loss, or "skip" the update.
+  # XLA's persistent compilation cache: a rerun (resume, eval, bench) loads the compiled
+  # steps instead of compiling them again. "" = off; $JAX_COMPILATION_CACHE_DIR wins.
+  config.compilation_cache_dir = "~/.cache/vit_jax/xla"
 
   # --- Fine-tuning -------------------------------------------------------------
   # A workdir / orbax checkpoint of ours or a published-format .npz; parameters only.

@@ -147,16 +147,29 @@ def test_bench_measures_the_input_pipeline_when_the_data_is_there(capsys, fashio
 
 
 def test_main_bench_mode_prints_the_table_and_one_json_line(tmp_path):
-  out = subprocess.run(
-      [sys.executable, str(REPO / "main.py"), "--mode=bench", "--config=configs/cifar100.py",
-       f"--config.data_dir={tmp_path}", "--config.batch_size=16",
-       "--config.eval_batch_size=16", "--config.model.name=ViT-Ti/4",
-       *[f"--config.model.overrides.{k}={v}" for k, v in TINY_OVERRIDES.items()],
-       "--config.aug.randaugment_layers=0"],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  cache = tmp_path / "xla_cache"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+  def bench_run() -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "--mode=bench", "--config=configs/cifar100.py",
+         f"--config.data_dir={tmp_path}", "--config.batch_size=16",
+         "--config.eval_batch_size=16", "--config.model.name=ViT-Ti/4",
+         *[f"--config.model.overrides.{k}={v}" for k, v in TINY_OVERRIDES.items()],
+         "--config.aug.randaugment_layers=0", f"--config.compilation_cache_dir={cache}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+  out = bench_run()
   result = _json_line(out.stdout)
   _check_fields(result, devices=2)
   for label in ("train", "eval", "input", "compile", "devices"):
     assert any(line.startswith(label) for line in out.stdout.splitlines()), label
+  # The persistent compilation cache: the first run writes the compiled train step, a
+  # rerun finds it (and writes nothing new).
+  entries = sorted(p.name for p in cache.iterdir())
+  assert any("train_step" in name for name in entries), entries
+  bench_run()
+  assert sorted(p.name for p in cache.iterdir()) == entries
