@@ -63,9 +63,9 @@ def _use_compilation_cache(cache_dir: str) -> None:
 def main(argv):
   from vit_jax import host_memory
   host_memory.keep_freed_memory()  # Before jax starts its threads: see host_memory.py.
-  from vit_jax import checkpoints, predict, pretrained, run_files, train
+  from vit_jax import checkpoints, data, predict, pretrained, run_files, train
   # Mistakes a user can fix: one clear line and exit status 1, not a traceback.
-  user_errors = (config_check.ConfigError, run_files.WorkdirMismatchError,
+  user_errors = (config_check.ConfigError, data.DataError, run_files.WorkdirMismatchError,
                  checkpoints.UnreadableCheckpointError, pretrained.CheckpointMismatchError,
                  predict.NoReadableImageError, train.NonFiniteLossError)
   try:

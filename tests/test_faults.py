@@ -461,6 +461,19 @@ def test_command_line_config_mistakes(flag, message, capsys):
 # --- 7: data mistakes ----------------------------------------------------------------------
 
 
+def test_data_mistakes_print_one_error_line_from_main(tmp_path):
+  out = subprocess.run(
+      [sys.executable, str(REPO / "main.py"), "--config=configs/cifar100.py",
+       "--config.dataset=cifar1000", f"--config.data_dir={tmp_path}",
+       f"--workdir={tmp_path / 'w'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert "Traceback" not in out.stderr
+  assert out.stderr.splitlines()[-1].startswith(
+      "ERROR: Unknown dataset 'cifar1000'. Did you mean: cifar100, cifar10"), out.stderr
+
+
+
 def save(image: Image.Image, path: pathlib.Path, **kwargs) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   image.save(path, **kwargs)

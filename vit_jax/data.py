@@ -25,6 +25,7 @@ Public API:
   epoch_order, global_batch_positions, process_slice: the index logic, pure functions.
   measure_input_throughput(config, mesh, num_batches=50, *, source=None) -> images/sec
       of the training iterator alone (no model).
+Every data mistake a user can fix raises DataError (MissingDataError for absent files).
 """
 from __future__ import annotations
 
@@ -57,6 +58,16 @@ from PIL import Image
 from vit_jax import parallel
 
 Batch = dict[str, np.ndarray]
+
+
+class DataError(ValueError):
+  """A data mistake the user can fix (bad dataset name, split, image file, labels...):
+  main.py prints its message as one line instead of a traceback."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+  """Data files that are not where the config says (folder, manual_dir)."""
+
 
 # Beyond this many examples a split is read on demand instead of held in memory.
 MAX_IN_MEMORY_EXAMPLES = 200_000
@@ -128,10 +139,10 @@ class ArraySource(Source):
                class_names: Sequence[str], name: str = "arrays", split: str = "train"):
     super().__init__(name=name, split=split, class_names=class_names)
     if images.dtype != np.uint8 or images.ndim != 4:
-      raise ValueError(f"{name}:{split}: images must be uint8 [N, H, W, C], got "
+      raise DataError(f"{name}:{split}: images must be uint8 [N, H, W, C], got "
                        f"{images.dtype} {images.shape}.")
     if len(images) != len(labels):
-      raise ValueError(f"{name}:{split}: {len(images)} images but {len(labels)} labels.")
+      raise DataError(f"{name}:{split}: {len(images)} images but {len(labels)} labels.")
     _check_labels(labels, self.num_classes, f"{name}:{split}")
     self.images = images
     self.labels = labels.astype(np.int32)
@@ -199,12 +210,12 @@ def _check_labels(labels: np.ndarray, num_classes: int, what: str,
   """Labels must be class indices 0..num_classes-1: names the split and the bad values."""
   labels = np.asarray(labels)
   if labels.ndim != 1:
-    raise ValueError(f"{what}: labels must be class indices of shape [N], got shape "
+    raise DataError(f"{what}: labels must be class indices of shape [N], got shape "
                      f"{labels.shape} (one-hot labels are not supported).")
   if not len(labels):
     return
   if labels.dtype.kind not in "iub" and not np.array_equal(labels, np.round(labels)):
-    raise ValueError(f"{what}: labels must be whole numbers (class indices), got "
+    raise DataError(f"{what}: labels must be whole numbers (class indices), got "
                      f"{labels.dtype} values such as {labels[labels != np.round(labels)][0]}.")
   outside = (labels < 0) | (labels >= num_classes)
   if outside.any():
@@ -212,7 +223,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, what: str,
     shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
     first = int(np.argmax(outside))
     first = first if indices is None else int(np.asarray(indices)[first])
-    raise ValueError(
+    raise DataError(
         f"{what}: {int(outside.sum())} label(s) outside 0..{num_classes - 1} (there are "
         f"{num_classes} class names): {shown}; the first at example {first}. Check the "
         "labels or the list of class names.")
@@ -241,7 +252,7 @@ def load_source(config: ml_collections.ConfigDict, split: str) -> Source:
 def _folder_source(config: ml_collections.ConfigDict, split: str) -> ArraySource:
   """Decodes ROOT/SPLIT/CLASS/* images once, resized (squashed) to load_size squared."""
   if not config.data_dir:
-    raise ValueError('config.dataset="folder" needs config.data_dir: the folder with '
+    raise DataError('config.dataset="folder" needs config.data_dir: the folder with '
                      f"the images, laid out as {_FOLDER_LAYOUT}.")
   root = Path(config.data_dir)
   # Labels follow the training split's classes, so that every split agrees on them.
@@ -251,7 +262,7 @@ def _folder_source(config: ml_collections.ConfigDict, split: str) -> ArraySource
               for example in _folder_examples(root, name, instruction, class_names,
                                               config.train_split)]
   if not examples:
-    raise ValueError(f"Split {split!r} of {root} selects no images.")
+    raise DataError(f"Split {split!r} of {root} selects no images.")
   size = config.load_size or config.image_size
   print(f"Decoding {len(examples)} images of {root}:{split} at {size}x{size} ...",
         flush=True)
@@ -269,7 +280,7 @@ def _folder_examples(root: Path, name: str, instruction: Any, class_names: list[
   class_dirs = _class_dirs(root, name)
   unknown = sorted(set(class_dirs) - set(class_names))
   if unknown:
-    raise ValueError(
+    raise DataError(
         f"Classes {unknown} in {root / name} are not in the training split "
         f"{train_split!r} (classes {class_names}): every class needs training images.")
   examples = sorted(
@@ -291,7 +302,7 @@ def _split_parts(split: str) -> list[tuple[str, Any]]:
     try:
       instruction = tfds.core.ReadInstruction.from_spec(spec.strip())
     except ValueError as e:
-      raise ValueError(f"Cannot parse split {split!r}: use NAME or NAME[from:to] with "
+      raise DataError(f"Cannot parse split {split!r}: use NAME or NAME[from:to] with "
                        f"counts or percents, e.g. 'train[:90%]'. ({e})") from None
     parts.append((instruction.split_name, instruction))
   return parts
@@ -300,12 +311,12 @@ def _split_parts(split: str) -> list[tuple[str, Any]]:
 def _class_dirs(root: Path, split_name: str) -> dict[str, Path]:
   folder = root / split_name
   if not folder.is_dir():
-    raise FileNotFoundError(f"No folder {folder}: the image folder dataset expects "
+    raise MissingDataError(f"No folder {folder}: the image folder dataset expects "
                             f"{_FOLDER_LAYOUT} (ROOT = config.data_dir = {root}).")
   class_dirs = {p.name: p for p in sorted(folder.iterdir())
                 if p.is_dir() and not p.name.startswith(".")}
   if not class_dirs:
-    raise FileNotFoundError(f"No class folders in {folder}: the image folder dataset "
+    raise MissingDataError(f"No class folders in {folder}: the image folder dataset "
                             f"expects {_FOLDER_LAYOUT}.")
   return class_dirs
 
@@ -314,7 +325,7 @@ def _images_in(folder: Path) -> list[Path]:
   files = sorted(p for p in folder.iterdir()
                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
   if not files:
-    raise ValueError(f"Class folder {folder} has no images "
+    raise DataError(f"Class folder {folder} has no images "
                      f"({'/'.join(IMAGE_EXTENSIONS)}): add some or remove the folder.")
   return files
 
@@ -335,7 +346,7 @@ def decode_file(path: Path, size: int) -> np.ndarray:
   # PIL's errors for files it cannot parse: OSError (UnidentifiedImageError, "image file
   # is truncated"), ValueError, and SyntaxError/EOFError from some format plugins.
   except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-    raise ValueError(f"Cannot read image {path}: {e or type(e).__name__}. Replace or remove "
+    raise DataError(f"Cannot read image {path}: {e or type(e).__name__}. Replace or remove "
                      "the file.") from e
   return _resize(image.reshape(*image.shape[:2], -1), size)
 
@@ -377,7 +388,7 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   close = difflib.get_close_matches(
       name, tfds.list_builders(with_community_datasets=False) + ["folder"], n=3)
   hint = f" Did you mean: {', '.join(close)}?" if close else ""
-  raise ValueError(f"Unknown dataset {config.dataset!r}.{hint} Set config.dataset to a "
+  raise DataError(f"Unknown dataset {config.dataset!r}.{hint} Set config.dataset to a "
                    "TFDS name (tfds.list_builders()) or to 'folder' for an image folder "
                    "in config.data_dir.")
 
@@ -396,7 +407,7 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
                                                    try_download_gcs=False)
   else:
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-      raise FileNotFoundError(
+      raise MissingDataError(
           f"{builder.name} cannot be downloaded: put its files in a folder and set "
           f"config.manual_dir to it.\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     print(f"Downloading and preparing {builder.name} in {builder.data_path} ...",
@@ -416,7 +427,7 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
       shutil.rmtree(new_dir, ignore_errors=True)
     if config.manual_dir or not isinstance(e, Exception):
       raise
-    raise FileNotFoundError(
+    raise MissingDataError(
         f"Could not download {builder.name} ({type(e).__name__}: {e}). Without network, "
         f"put {_manual_files_hint(builder)} in a folder and set config.manual_dir to "
         "it.") from e
@@ -463,13 +474,13 @@ def _check_manual_dir(builder: tfds.core.DatasetBuilder, manual_dir: Path) -> No
   # TFDS quietly downloads whatever it cannot find in the manual_dir: stop first.
   missing = [f for f in _expected_files(builder) if not (manual_dir / f).exists()]
   if missing:
-    raise FileNotFoundError(
+    raise MissingDataError(
         f"{builder.name}: config.manual_dir={manual_dir} lacks {', '.join(missing)}. "
         f"Put {_manual_files_hint(builder)} there (or unset config.manual_dir to "
         "download).")
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (
       manual_dir.is_dir() and any(manual_dir.iterdir())):
-    raise FileNotFoundError(f"{builder.name}: config.manual_dir={manual_dir} is empty or "
+    raise MissingDataError(f"{builder.name}: config.manual_dir={manual_dir} is empty or "
                             f"missing.\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
 
@@ -491,7 +502,7 @@ def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int | None:
   try:
     return splits[split].num_examples
   except (KeyError, ValueError) as e:
-    raise ValueError(
+    raise DataError(
         f"Cannot read split {split!r} of {builder.name} ({e}). Available splits: "
         f"{', '.join(splits)}; slices like 'train[:90%]' or 'train[90%:]' work too. "
         "Set config.train_split / eval_split / val_split accordingly.") from None
@@ -524,7 +535,7 @@ def _decode_to_memory(builder: tfds.core.DatasetBuilder, split: str, image_key: 
   needed = num_examples * load_size * load_size * channels
   available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   if needed > available // 2:
-    raise ValueError(
+    raise DataError(
         f"{builder.name}:{split}: {num_examples} images at {load_size}x{load_size}x"
         f"{channels} need {needed / 2**30:.1f} GiB, more than half of this machine's "
         f"memory. Lower config.load_size, or add array_record files for random access: "
@@ -567,7 +578,7 @@ def process_slice(global_rows: np.ndarray, process_index: int,
                   process_count: int) -> np.ndarray:
   """The contiguous rows of a global batch that process `process_index` reads and holds."""
   if len(global_rows) % process_count:
-    raise ValueError(f"A batch of {len(global_rows)} does not split over "
+    raise DataError(f"A batch of {len(global_rows)} does not split over "
                      f"{process_count} processes.")
   per_process = len(global_rows) // process_count
   return global_rows[process_index * per_process:(process_index + 1) * per_process]
@@ -663,7 +674,7 @@ class TrainIterator:
                start_step: int = 0, shuffle: bool = True, prefetch: int = 2):
     parallel.check_batch_divides(batch_size)
     if not len(source):
-      raise ValueError(f"{source.name}:{source.split} has no examples to train on.")
+      raise DataError(f"{source.name}:{source.split} has no examples to train on.")
     self.source = source
     self.batch_size = batch_size
     self.seed = seed
@@ -707,7 +718,7 @@ class TrainIterator:
                if k != "step" and state.get(k) != v}
     if changed:
       details = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
-      raise ValueError(f"Cannot resume the input pipeline of a different run ({details}): "
+      raise DataError(f"Cannot resume the input pipeline of a different run ({details}): "
                        "the batches would differ. Restore the original settings.")
     self.close()
     self._step = int(state["step"])
