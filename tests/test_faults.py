@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import ml_collections
@@ -210,6 +211,8 @@ def test_preemption_crash_and_damage_resume_bit_exact(fashion_mnist_dirs, env, t
   assert re.search(rf"WARNING: checkpoint {chain}/checkpoints/{s3} is unreadable \(\w+: .+\); "
                    rf"falling back to step {previous}\.", out), out[-3000:]
   assert f"Resuming from {chain}/checkpoints/{previous} (step {previous}/24)." in out
+  # Reads of the damaged checkpoint still in flight when orbax gave up: not one traceback.
+  assert "Event loop is closed" not in out
 
   a, b = train_state(straight), train_state(chain)
   assert a.step == b.step == 24
@@ -283,6 +286,19 @@ def test_damaged_checkpoints_are_named_and_skipped(tmp_path, capsys):
 
 
 # --- 4, 5: NaN losses; a workdir of another model; --start_over --------------------------------
+
+
+def test_abandoned_checkpoint_reads_are_silenced_and_nothing_else(monkeypatch):
+  """After a failed restore, tensorstore finishes the other reads into orbax's closed
+  event loop; that one RuntimeError is dropped, any other still reaches the old hook."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+  checkpoints._silence_abandoned_reads()
+  checkpoints._silence_abandoned_reads()  # Idempotent: one filter, not a chain.
+  for error in (RuntimeError("Event loop is closed"), RuntimeError("other"),
+                ValueError("Event loop is closed")):
+    sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+  assert seen == ["other", "Event loop is closed"]
 
 
 def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_dirs, env,

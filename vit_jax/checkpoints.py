@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from typing import Any
 
 import jax
@@ -121,6 +122,28 @@ def _reason(error: BaseException) -> str:
 # --- The store ------------------------------------------------------------------------------
 
 
+def _is_abandoned_read_callback(unraisable) -> bool:
+  """A read of a checkpoint already reported unreadable, finishing after orbax closed the
+  event loop that awaited it: tensorstore's callback raises 'Event loop is closed'."""
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _silence_abandoned_reads() -> None:
+  """Keeps those callbacks (one traceback per array still in flight) off the console;
+  every other unraisable exception still reaches the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_abandoned_reads", False):
+    return
+
+  def hook(unraisable) -> None:
+    if not _is_abandoned_read_callback(unraisable):
+      previous(unraisable)
+
+  hook._drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
 class CheckpointStore:
   """Saves and restores the latest-K and best checkpoints of one workdir."""
 
@@ -175,6 +198,7 @@ class CheckpointStore:
             meta=ocp.args.JsonRestore()))
         _verify(out["state"], out["meta"].get("checksums"))
       except Exception as e:  # Orbax raises many types for damaged files.  # noqa: BLE001
+        _silence_abandoned_reads()
         reason = _reason(e)
         later = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps)
                  else "no older checkpoint to fall back to")
