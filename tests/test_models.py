@@ -80,6 +80,18 @@ def test_keras_example_attention_is_4x64_wide_in_a_64_wide_stream():
   assert "cls" not in shapes
 
 
+def test_gelu_is_the_published_vits_tanh_form_and_the_keras_origins_erf():
+  x = jnp.linspace(-4.0, 4.0, 101)
+  tanh_form = 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+  erf_form = 0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2)))
+  assert float(jnp.max(jnp.abs(tanh_form - erf_form))) > 1e-4  # The test tells them apart.
+  for name, want in (("ViT-Ti/4", tanh_form), ("ViT-B/16", tanh_form),
+                     ("keras-example", erf_form)):
+    model = models.create_model(name, num_classes=10)
+    np.testing.assert_allclose(models._gelu(x, model.gelu_approximate), want, atol=2e-6,
+                               err_msg=name)
+
+
 def test_pre_logits_layer():
   model = _tiny(representation_size=24)
   variables, x = _init(model)

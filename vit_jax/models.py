@@ -460,7 +460,9 @@ class VisionTransformer(nn.Module):
   head_dropout_rate: float = 0.0  # Before the hidden head layers and the head.
   stochastic_depth_rate: float = 0.0  # Drop-path rate at the last block.
   mlp_activate_output: bool = False
-  gelu_approximate: bool = False
+  # The tanh form, as the published ViT (flax `nn.gelu`'s default) was trained with; on
+  # CPU it is also ~6% faster a ViT-Ti/4 step than erf. The Keras origin uses exact erf.
+  gelu_approximate: bool = True
   zero_head_init: bool = True  # Zero head kernel, as the published ViT recipes.
   dtype: Dtype = jnp.float32  # Compute dtype; parameters are always float32.
   scan_layers: bool = False  # Params then stacked under Transformer/encoderblock.
@@ -558,7 +560,7 @@ _REGISTRY: dict[str, ModelSpec] = {
         64, 8, 4, 128, patch=6, image_size=72, head_dim=64, class_token=False,
         pool="flatten", head_hidden_dims=(2048, 1024), dropout_rate=0.1,
         attention_dropout_rate=0.1, residual_dropout=False, head_dropout_rate=0.5,
-        mlp_activate_output=True, zero_head_init=False),
+        mlp_activate_output=True, gelu_approximate=False, zero_head_init=False),
 }
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(VisionTransformer)
