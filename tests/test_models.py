@@ -228,12 +228,17 @@ def test_attention_backward_pass_equals_autodiff(rate):
                          (qkv_BxLx3xHxK,))
 
 
-def test_dense_and_layer_norm_backward_passes_equal_autodiff():
+def test_dense_gelu_and_layer_norm_backward_passes_equal_autodiff():
   x = jax.random.normal(jax.random.key(1), (2, 5, 6))
   w = jax.random.normal(jax.random.key(2), (6, 3, 4))
   dims = (((2,), (0,)), ((), ()))
   _assert_same_gradients(lambda x, w: models.dense_dot_general(x, w, dims),
                          lambda x, w: jax.lax.dot_general(x, w, dims), (x, w))
+  x2d, w2d, b = x.reshape(10, 6), w.reshape(6, 12), jax.random.normal(jax.random.key(4), (12,))
+  _assert_same_gradients(models._affine, lambda x, w, b: x @ w + b, (x2d, w2d, b))
+  for approximate in (True, False):
+    _assert_same_gradients(lambda x: models._gelu(x, approximate),
+                           lambda x: jax.nn.gelu(x, approximate=approximate), (3 * x,))
   scale, bias = jax.random.normal(jax.random.key(3), (2, 6))
   _assert_same_gradients(lambda *a: models._layer_norm(*a, 1e-6),
                          lambda *a: _reference_layer_norm(*a, 1e-6), (3 * x + 1, scale, bias))

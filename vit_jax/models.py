@@ -33,15 +33,43 @@ Array = jax.Array
 Dtype = Any
 
 
+_SQRT_2_OVER_PI = np.float32(np.sqrt(2 / np.pi))
+_TANH_CUBIC = np.float32(0.044715)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _gelu(x: Array, approximate: bool) -> Array:
-  """GELU; exact is x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)).
+  """GELU: the tanh form x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (`nn.gelu`'s
+  default) or the exact x Phi(x) = x/2 (1 + erf(x / sqrt 2)).
 
   XLA's native erf is one fused polynomial; `nn.gelu`'s erfc form expands into exp,
-  selects and two loops on CPU, for the same values to 1e-6 absolute.
+  selects and two loops on CPU, for the same values to 1e-6 absolute. The backward pass
+  keeps x alone and recomputes the rest: autodiff also stores tanh(.) or erf(.), one
+  more full-size array written and read per MLP block.
   """
   if approximate:
-    return nn.gelu(x, approximate=True)
+    inner = _SQRT_2_OVER_PI * x * (1 + _TANH_CUBIC * x * x)
+    return 0.5 * x * (1 + jnp.tanh(inner))
   return x * (0.5 + 0.5 * lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
+
+
+def _gelu_fwd(x, approximate):
+  return _gelu(x, approximate), x
+
+
+def _gelu_bwd(approximate, x, g):
+  if approximate:
+    x2 = x * x
+    t = jnp.tanh(_SQRT_2_OVER_PI * x * (1 + _TANH_CUBIC * x2))
+    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (
+        1 + 3 * _TANH_CUBIC * x2)
+  else:
+    slope = (0.5 + 0.5 * lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype))
+             + x * jnp.exp(-0.5 * x * x) * np.asarray(1 / np.sqrt(2 * np.pi), x.dtype))
+  return ((g * slope).astype(x.dtype),)
+
+
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 @jax.custom_vjp
@@ -64,6 +92,25 @@ def _matmul_bwd(residuals, g_NxF):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@jax.custom_vjp
+def _affine(a_NxK: Array, b_KxF: Array, c_F: Array) -> Array:
+  return a_NxK @ b_KxF + c_F
+
+
+def _affine_fwd(a_NxK, b_KxF, c_F):
+  return _affine(a_NxK, b_KxF, c_F), (a_NxK, b_KxF)
+
+
+def _affine_bwd(residuals, g_NxF):
+  # The bias gradient sums the same 2-D g the two matmuls read: summed in another shape
+  # (autodiff's B x L x ...), XLA wrote g into memory twice, once per shape.
+  da_NxK, db_KxF = _matmul_bwd(residuals, g_NxF)
+  return da_NxK, db_KxF, jnp.sum(g_NxF, 0).astype(residuals[1].dtype)
+
+
+_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
@@ -144,13 +191,26 @@ def _fused_attention_fwd(qkv_BxLx3xHxK, key, rate):
 def _fused_attention_bwd(rate, residuals, g_BxLxHxK):
   dq_BxHxLxK, dk_BxHxLxK, dv_BxHxLxK, _ = _attention_bwd(
       rate, residuals, jnp.transpose(g_BxLxHxK, (0, 2, 1, 3)))
-  # One stack-and-transpose: autodiff of the split above pads each gradient to the
-  # full 3 x B x H x L x K, adds them and transposes (a third of the attention time).
-  d_3xBxHxLxK = jnp.stack([dq_BxHxLxK, dk_BxHxLxK, dv_BxHxLxK])
-  return jnp.transpose(d_3xBxHxLxK, (1, 3, 0, 2, 4)), None
+  # One fusion writes the B x L x 3 x H x K gradient: autodiff of the split above pads
+  # each gradient to the full 3 x B x H x L x K, adds them and transposes (a third of the
+  # attention time); stacking head-major and then transposing made XLA copy it twice
+  # more (once for the matmuls, once for the bias gradient).
+  d_BxLx3xHxK = jnp.stack([jnp.transpose(d, (0, 2, 1, 3))
+                           for d in (dq_BxHxLxK, dk_BxHxLxK, dv_BxHxLxK)], axis=2)
+  return d_BxLx3xHxK, None
 
 
 _fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
+
+
+def _cpu_fusion_fence(stats: Array) -> Array:
+  """On CPU, ends XLA's library (YNNPACK) reduce fusion at the per-row statistic.
+
+  Left alone, the fusion grew past the reduction into its broadcast and wrote full-size
+  copies of mean and 1/std to memory (extra passes per LayerNorm: ~9% of a
+  ViT-Ti/4 step). Other backends fuse it well and get the value unchanged.
+  """
+  return lax.optimization_barrier(stats) if jax.default_backend() == "cpu" else stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -160,10 +220,10 @@ def _layer_norm(x: Array, scale_D: Array, bias_D: Array, eps: float) -> Array:
 
 def _layer_norm_fwd(x, scale_D, bias_D, eps):
   x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, -1, keepdims=True)
-  centered = x32 - mean
-  rstd = lax.rsqrt(jnp.mean(jnp.square(centered), -1, keepdims=True) + eps)
-  normed = centered * rstd
+  mean = _cpu_fusion_fence(jnp.mean(x32, -1, keepdims=True))
+  rstd = _cpu_fusion_fence(
+      lax.rsqrt(jnp.mean(jnp.square(x32 - mean), -1, keepdims=True) + eps))
+  normed = (x32 - mean) * rstd
   y = (normed * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(x.dtype)
   return y, (x, mean, rstd, scale_D)
 
@@ -322,7 +382,9 @@ class SelfAttention(nn.Module):
       # The softmax scale is folded into the query kernel and bias (D x H x K, not L x K).
       w_Dx3xHxK = jnp.stack([wq_DxHxK * scale, wk_DxHxK, wv_DxHxK], 1).astype(self.dtype)
       b_3xHxK = jnp.stack([bq_HxK * scale, bk_HxK, bv_HxK]).astype(self.dtype)
-      qkv_BxLx3xHxK = dense_dot_general(x_BxLxD, w_Dx3xHxK, _DENSE_DIMS) + b_3xHxK
+      batch, length, width = x_BxLxD.shape
+      qkv_BxLx3xHxK = _affine(x_BxLxD.reshape(-1, width), w_Dx3xHxK.reshape(width, -1),
+                              b_3xHxK.reshape(-1)).reshape(batch, length, *b_3xHxK.shape)
       rate = self.dropout_rate if train else 0.0
       key = self.make_rng("dropout") if rate > 0 else None
       out_BxLxHxK = _fused_attention(qkv_BxLx3xHxK, key, rate)
