@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from vit_jax import steps
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # A 2-block, 32-wide ViT on 1024 training images: seconds per run.
@@ -152,3 +154,11 @@ def test_two_processes_match_one_process(fashion_mnist_dirs, tmp_path):
       np.testing.assert_allclose(r2[key], r1[key], rtol=1e-4, atol=1e-5, err_msg=key)
   final = [r for r in rows_two if "eval/num_examples" in r][-1]
   assert final["eval/num_examples"] == 300
+
+
+def test_cpu_steps_compile_with_the_concurrency_scheduler_where_jaxlib_knows_it():
+  assert steps.compiler_options() == {
+      "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
+  # A jaxlib without the option or the value: the probe says no, the steps go without.
+  assert not steps.accepts((("xla_cpu_scheduler_type", "NO_SUCH_SCHEDULER"),))
+  assert not steps.accepts((("xla_cpu_no_such_option", "1"),))
