@@ -37,6 +37,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.aug.crop = "none"
   config.aug.crop_padding = 4
   config.aug.crop_scale = (0.08, 1.0)
+  # Evaluation keeps the central fraction of each side before resizing: 1.0 the whole
+  # image (the published ViT fine-tuning), 0.875 the usual ImageNet centre crop (timm's
+  # crop_pct) that shows objects at the scale inception crops trained on.
+  config.aug.eval_crop_fraction = 1.0
   config.aug.flip = False  # Random horizontal flip.
   config.aug.rotate = 0.0  # Max rotation as a fraction of a full turn (Keras RandomRotation).
   config.aug.zoom = 0.0  # Max zoom in/out (Keras RandomZoom height/width factor).

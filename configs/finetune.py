@@ -20,9 +20,8 @@ clipping at 1.0, 10k steps, no dropout, no label smoothing, pixels scaled to [-1
 inception crop (area 5%-100%) and horizontal flip for training, resize for evaluation,
 98% of the training split for training; new zero head, pre_logits dropped. Short runs
 warm up for a tenth of their steps (50 at steps=500): a 500-step warmup would leave no
-steps at the peak learning rate. One difference: with crop="inception" our evaluation
-keeps the central 87.5% of each image before resizing (vit_jax.augment.eval_preprocess),
-where the published runs resized the whole image; no config key turns that off.
+steps at the peak learning rate. Evaluation resizes the whole image, as the published
+runs did (`config.aug.eval_crop_fraction=1.0`).
 
 `optim=adamw`: AdamW lr 1e-4, weight decay 0.05 multiplied by the lr ("decoupled_lr",
 kernels only), otherwise the same schedule: a usual order of magnitude for fine-tuning

@@ -33,6 +33,7 @@ def get_config(arg: str = "S/16") -> ml_collections.ConfigDict:
   config.model.overrides.pool = "gap"
   config.aug.normalize = "minus_one_one"
   config.aug.crop = "inception"
+  config.aug.eval_crop_fraction = 0.875
   config.aug.flip = True
   config.aug.randaugment_layers = 2
   config.aug.randaugment_magnitude = 10

@@ -177,11 +177,14 @@ def test_train_without_random_ops_equals_eval(size, channels, image_size):
       x, evaluate(images, aug, image_size=image_size, mean_C=mean_C, std_C=std_C))
 
 
-def test_eval_with_inception_crop_keeps_the_centre():
+def test_eval_crop_fraction_keeps_the_centre_and_1_keeps_everything():
   images = random_images(2, 32, 3)
-  x = evaluate(images, make_aug(crop="inception", normalize="minus_one_one"), image_size=28)
+  x = evaluate(images, make_aug(eval_crop_fraction=0.875, normalize="minus_one_one"),
+               image_size=28)
   centre = images[:, 2:30, 2:30].astype(np.float32) / 127.5 - 1  # 28 = 0.875 * 32
   np.testing.assert_allclose(x, centre, atol=1e-5)
+  whole = evaluate(images, make_aug(crop="inception", normalize="minus_one_one"))
+  np.testing.assert_allclose(whole, images.astype(np.float32) / 127.5 - 1, atol=1e-5)
 
 
 # --- Geometry ------------------------------------------------------------------------------

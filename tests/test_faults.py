@@ -373,6 +373,8 @@ def set_key(config, dotted: str, value) -> None:
     ("optim.name", "lamb", "config.optim.name='lamb' is not allowed: use one of ('adamw', "
      "'sgd')."),
     ("optim.b2", 1.0, "config.optim.b2=1.0 is not allowed: use a number in [0, 1)."),
+    ("aug.eval_crop_fraction", 0.0, "config.aug.eval_crop_fraction=0.0 is not allowed: use "
+     "a number in (0, 1]."),
     ("label_smoothing", 1.0, "config.label_smoothing=1.0 is not allowed: use a number in "
      "[0, 1)."),
     ("image_size", 30, "config.image_size=30 is not divisible by the patch size 4 of "

@@ -30,9 +30,6 @@ _IMAGENET_MEAN_C = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _IMAGENET_STD_C = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # Keras Normalization divides by max(std, epsilon): a constant channel must not give inf.
 _STD_EPSILON = 1e-7
-# Evaluation with inception crops looks at the central 87.5% (timm's crop_pct), so eval
-# objects have the scale the random-resized crops trained on.
-_EVAL_CROP_FRACTION = 0.875
 # Inception crop aspect ratios (width / height), as in torchvision and timm.
 _INCEPTION_RATIO = (3 / 4, 4 / 3)
 # Box proposals tried per image by the inception crop and random erasing before giving up.
@@ -99,14 +96,14 @@ def eval_preprocess(images_BxHxWxC: jax.Array, aug: ml_collections.ConfigDict, *
                     std_C: jax.Array | None) -> jax.Array:
   """Deterministic counterpart of `train_preprocess`: float32 B x S x S x C images.
 
-  Resizes to image_size and normalises; with inception crops it first keeps the central
-  `_EVAL_CROP_FRACTION` of the image.
+  Keeps the central `aug.eval_crop_fraction` of each side (1.0: the whole image), resizes
+  to image_size and normalises.
   """
   x_BxHxWxC = images_BxHxWxC.astype(jnp.float32)
-  if aug.crop == "inception":
+  if aug.eval_crop_fraction < 1.0:
     _, height, width, _ = x_BxHxWxC.shape
-    crop_h = round(height * _EVAL_CROP_FRACTION)
-    crop_w = round(width * _EVAL_CROP_FRACTION)
+    crop_h = max(1, round(height * aug.eval_crop_fraction))
+    crop_w = max(1, round(width * aug.eval_crop_fraction))
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
     x_BxHxWxC = x_BxHxWxC[:, top:top + crop_h, left:left + crop_w]
   return _normalize(_resize(x_BxHxWxC, image_size), aug.normalize, mean_C, std_C)

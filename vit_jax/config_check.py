@@ -83,6 +83,7 @@ _REALS = {
     "aug.mix_prob": (0, True, 1, True),
     "aug.mix_switch_prob": (0, True, 1, True),
     "aug.random_erasing": (0, True, 1, True),
+    "aug.eval_crop_fraction": (0, False, 1, True),
 }
 _BOOLS = ("aug.flip", "optim.decay_kernels_only", "fsdp", "remat", "scan_layers",
           "freeze_backbone")
