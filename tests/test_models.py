@@ -90,6 +90,9 @@ def test_gelu_is_the_published_vits_tanh_form_and_the_keras_origins_erf():
     model = models.create_model(name, num_classes=10)
     np.testing.assert_allclose(models._gelu(x, model.gelu_approximate), want, atol=2e-6,
                                err_msg=name)
+  for approximate in (True, False):  # bfloat16 stays bfloat16, forward and backward.
+    y, vjp = jax.vjp(lambda v: models._gelu(v, approximate), x.astype(jnp.bfloat16))
+    assert y.dtype == vjp(jnp.ones_like(y))[0].dtype == jnp.bfloat16
 
 
 def test_pre_logits_layer():

@@ -33,8 +33,9 @@ Array = jax.Array
 Dtype = Any
 
 
-_SQRT_2_OVER_PI = np.float32(np.sqrt(2 / np.pi))
-_TANH_CUBIC = np.float32(0.044715)
+# Python floats: weakly typed, so bfloat16 activations stay bfloat16.
+_SQRT_2_OVER_PI = float(np.sqrt(2 / np.pi))
+_TANH_CUBIC = 0.044715
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
