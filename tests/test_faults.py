@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 import types
+import warnings
+from logging import getLogger
 
 import jax
 import ml_collections
@@ -211,8 +213,9 @@ def test_preemption_crash_and_damage_resume_bit_exact(fashion_mnist_dirs, env, t
   assert re.search(rf"WARNING: checkpoint {chain}/checkpoints/{s3} is unreadable \(\w+: .+\); "
                    rf"falling back to step {previous}\.", out), out[-3000:]
   assert f"Resuming from {chain}/checkpoints/{previous} (step {previous}/24)." in out
-  # Reads of the damaged checkpoint still in flight when orbax gave up: not one traceback.
-  assert "Event loop is closed" not in out
+  # Reads of the damaged checkpoint still in flight when orbax gave up: not one report.
+  for noise in ("Traceback", "Event loop is closed", "never retrieved", "never awaited"):
+    assert noise not in out, out[-3000:]
 
   a, b = train_state(straight), train_state(chain)
   assert a.step == b.step == 24
@@ -288,17 +291,40 @@ def test_damaged_checkpoints_are_named_and_skipped(tmp_path, capsys):
 # --- 4, 5: NaN losses; a workdir of another model; --start_over --------------------------------
 
 
-def test_abandoned_checkpoint_reads_are_silenced_and_nothing_else(monkeypatch):
-  """After a failed restore, tensorstore finishes the other reads into orbax's closed
-  event loop; that one RuntimeError is dropped, any other still reaches the old hook."""
+def test_abandoned_checkpoint_reads_are_silenced_and_nothing_else(monkeypatch, caplog):
+  """After a failed restore, TensorStore finishes the other reads into orbax's closed
+  event loop: those reports about the store's folder are dropped, all others kept."""
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
-  checkpoints._silence_abandoned_reads()
-  checkpoints._silence_abandoned_reads()  # Idempotent: one filter, not a chain.
+  monkeypatch.setattr(getLogger("asyncio"), "filters", [])
+  checkpoints._silence_abandoned_reads("/runs/a/checkpoints")
+  checkpoints._silence_abandoned_reads("/runs/a/checkpoints")  # Idempotent: no chain.
   for error in (RuntimeError("Event loop is closed"), RuntimeError("other"),
                 ValueError("Event loop is closed")):
     sys.unraisablehook(types.SimpleNamespace(exc_value=error))
   assert seen == ["other", "Event loop is closed"]
+  assert len(getLogger("asyncio").filters) == 1
+
+  caplog.set_level("ERROR", "asyncio")
+  for message in (
+      "Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+      "'Error reading \"/runs/a/checkpoints/9/state/d/6e89\"')>",
+      "Task exception was never retrieved\nfuture: <Task finished exception=ValueError("
+      "'Error reading \"/runs/a/checkpoints/9/state/d/6e89\"')>",
+      "Task exception was never retrieved\nfuture: <Task finished exception=ValueError("
+      "'/runs/b/checkpoints/9')>",
+      "Exception in callback for /runs/a/checkpoints/9"):
+    getLogger("asyncio").error(message)
+  assert [r.getMessage() for r in caplog.records] == [
+      "Task exception was never retrieved\nfuture: <Task finished exception=ValueError("
+      "'/runs/b/checkpoints/9')>", "Exception in callback for /runs/a/checkpoints/9"]
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    checkpoints._silence_abandoned_reads("/runs/a/checkpoints")
+    warnings.warn("coroutine 'Store._get_array_metadatas' was never awaited", RuntimeWarning)
+    warnings.warn("coroutine 'mine' was never awaited", RuntimeWarning)
+  assert [str(w.message) for w in caught] == ["coroutine 'mine' was never awaited"]
 
 
 def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_dirs, env,

@@ -24,6 +24,8 @@ import dataclasses
 import functools
 import os
 import sys
+import warnings
+from logging import Filter, LogRecord, getLogger
 from typing import Any
 
 import jax
@@ -122,16 +124,49 @@ def _reason(error: BaseException) -> str:
 # --- The store ------------------------------------------------------------------------------
 
 
+# Orbax restores every array concurrently on an event loop of its own. When one read fails,
+# it raises and closes that loop while TensorStore is still reading the other arrays; each
+# of those then reports into the closed loop: a "RuntimeError: Event loop is closed"
+# traceback (an unraisable exception), or an asyncio "Future/Task exception was never
+# retrieved" error with a whole TensorStore spec when that read failed too; a metadata
+# read not yet started is a "coroutine ... was never awaited" warning. All repeat the one
+# failure `restore` reports in a line, dozens of times over, so they are dropped.
+# The filters go in before a restore, not after it fails: the loop closes, and the first
+# of those reports can arrive, before orbax's exception reaches `restore`.
+
+
 def _is_abandoned_read_callback(unraisable) -> bool:
-  """A read of a checkpoint already reported unreadable, finishing after orbax closed the
-  event loop that awaited it: tensorstore's callback raises 'Event loop is closed'."""
+  """A read finishing into orbax's closed event loop: its callback raises this."""
   error = unraisable.exc_value
   return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
-def _silence_abandoned_reads() -> None:
-  """Keeps those callbacks (one traceback per array still in flight) off the console;
-  every other unraisable exception still reaches the previous hook."""
+class _AbandonedFailedReads(Filter):
+  """Drops asyncio's "never retrieved" errors of reads from the checkpoint folders given."""
+
+  def __init__(self):
+    super().__init__()
+    self.folders: set[str] = set()
+
+  def filter(self, record: LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith(("Future exception was never retrieved",
+                                    "Task exception was never retrieved"))
+                and any(folder in message for folder in self.folders))
+
+
+_ABANDONED_FAILED_READS = _AbandonedFailedReads()
+
+
+def _silence_abandoned_reads(folder: str) -> None:
+  """Keeps the reports of reads abandoned in `folder` off the console; every other
+  unraisable exception, asyncio error and warning still gets through. Idempotent."""
+  warnings.filterwarnings("ignore", r"coroutine 'Store\._get_array_metadatas' was never awaited",
+                          RuntimeWarning)
+  _ABANDONED_FAILED_READS.folders.add(folder)
+  asyncio_logger = getLogger("asyncio")
+  if _ABANDONED_FAILED_READS not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_ABANDONED_FAILED_READS)
   previous = sys.unraisablehook
   if getattr(previous, "_drops_abandoned_reads", False):
     return
@@ -190,6 +225,7 @@ class CheckpointStore:
     """
     manager = {"latest": self.latest, "best": self.best}[which]
     steps = sorted(manager.all_steps(), reverse=True)
+    _silence_abandoned_reads(str(manager.directory))
     for i, step in enumerate(steps):
       path = os.path.join(str(manager.directory), str(step))
       try:
@@ -198,7 +234,6 @@ class CheckpointStore:
             meta=ocp.args.JsonRestore()))
         _verify(out["state"], out["meta"].get("checksums"))
       except Exception as e:  # Orbax raises many types for damaged files.  # noqa: BLE001
-        _silence_abandoned_reads()
         reason = _reason(e)
         later = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps)
                  else "no older checkpoint to fall back to")
