@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -156,9 +157,25 @@ def test_two_processes_match_one_process(fashion_mnist_dirs, tmp_path):
   assert final["eval/num_examples"] == 300
 
 
-def test_cpu_steps_compile_with_the_concurrency_scheduler_where_jaxlib_knows_it():
+def test_cpu_steps_compile_with_the_measured_xla_options_where_jaxlib_knows_them(
+    monkeypatch):
   assert steps.compiler_options() == {
-      "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
-  # A jaxlib without the option or the value: the probe says no, the steps go without.
+      "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
+      "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+  # A jaxlib without the option or the value: the probe says no, the steps go without
+  # that one and keep the others.
   assert not steps.accepts((("xla_cpu_scheduler_type", "NO_SUCH_SCHEDULER"),))
   assert not steps.accepts((("xla_cpu_no_such_option", "1"),))
+  monkeypatch.setitem(steps._CPU_OPTIONS, "xla_cpu_no_such_option", "1")
+  assert list(steps.compiler_options()) == ["xla_cpu_scheduler_type",
+                                            "xla_cpu_experimental_ynn_fusion_type"]
+
+  # The options take effect: a standalone matmul leaves YNNPACK for Eigen; reductions
+  # (LayerNorm's statistics) stay in YNNPACK.
+  def in_ynnpack(f, *args, **options) -> bool:
+    return "ynn_fusion" in jax.jit(f, **options).lower(*args).compile().as_text()
+
+  x, w = jnp.ones((256, 192)), jnp.ones((192, 576))
+  assert in_ynnpack(jnp.matmul, x, w)
+  assert not in_ynnpack(jnp.matmul, x, w, compiler_options=steps.compiler_options())
+  assert in_ynnpack(lambda x: jnp.sum(x * x, 1), x, compiler_options=steps.compiler_options())
