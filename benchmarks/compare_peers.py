@@ -13,6 +13,8 @@ interpreters come from --jax_python and --torch_python.
 `vit_jax` rows are `main.py --mode=bench`: the real train step of the config, with its
 on-device augmentation ("full aug") or with the augmentation switched off ("model only",
 what the PyTorch and plain-Flax peers time: they only normalise and resize in the step).
+--alt_python adds the same rows under a second interpreter with vit_jax installed
+(Python 3.12 gets jax 0.12, 3.11 stops at jax 0.10.2), interleaved with the rest.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def systems(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
             f"--config.bench.steps={args.steps}", "--config.bench.warmup_steps=1",
             "--config.bench.eval_steps=1", "--config.bench.input_batches=0", *overrides]
 
-  return [
+  rows = [
       ("matmul", "XLA f32 matmul 2048^3 (GFLOP/s)", [jax_py, f"{peers}/matmul_bench.py"]),
       ("A_keras", "Keras example, model.fit, full aug (A)",
        [jax_py, f"{peers}/keras_seed.py", "--bench-steps", str(args.keras_steps),
@@ -69,6 +71,10 @@ def systems(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
         "--warmup", warm]),
       ("ours_ti", "vit_jax ViT-Ti/4, full CIFAR-100 recipe", ours("configs/cifar100.py")),
   ]
+  if args.alt_python:  # The same vit_jax rows under another interpreter (e.g. jax 0.12).
+    rows += [(f"{key}_alt", f"{label} [{args.alt_python}]", [args.alt_python, *argv[1:]])
+             for key, label, argv in rows if key.startswith("ours_")]
+  return rows
 
 
 def _images_per_sec(record: dict) -> float | None:
@@ -106,6 +112,7 @@ def summarize(records: list[dict], labels: dict[str, str]) -> str:
   ratios = (("ours_keras", "A_keras"), ("ours_keras_model", "B1k_torch"),
             ("ours_keras_model", "C1k_flax"), ("ours_ti_model", "B2_torch"),
             ("ours_ti_model", "C2_flax"), ("ours_ti", "B2_torch"))
+  ratios += tuple((f"{ours}_alt", peer) for ours, peer in ratios)
   lines.append("")
   for ours, peer in ratios:
     if ours in medians and peer in medians:
@@ -122,6 +129,9 @@ def main() -> None:
   parser.add_argument("--peers", default=str(REPO.parent / "shared" / "peers"))
   parser.add_argument("--jax_python", default="/tmp/peers-venv/bin/python")
   parser.add_argument("--torch_python", default="/tmp/peers-torch-venv/bin/python")
+  parser.add_argument("--alt_python", default="",
+                      help="Also time the vit_jax rows under this interpreter, whose "
+                           "environment has vit_jax installed (e.g. Python 3.12, jax 0.12).")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=4, help="Timed steps per run.")
   parser.add_argument("--keras_steps", type=int, default=3, help="Timed steps, Keras.")
