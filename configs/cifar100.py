@@ -11,7 +11,8 @@ stochastic depth 0.1, AdamW lr 1e-3 wd 0.05, 10 warmup epochs then cosine, 100 e
   Expected: about 74-76% top-1 (the recipe's literature figure is 73.8% for a smaller
   model; this exact config has not yet been run to the end: no CIFAR-100 copy or GPU time
   was available where it was written). Time: 19,500 steps of 256 at 2.2 GFLOP/image,
-  about 35 h on a 2-core CPU, well under an hour on one H100.
+  about 18 h on a 2-core CPU (about 80 train images/s, README Performance), well under
+  an hour on one H100.
 
 `:keras`, the origin example, faithfully: `keras-example` model (21.8M params, 72 px,
 patch 6, flatten head [2048, 1024]), Normalization adapted to the training set, resize to
@@ -25,7 +26,8 @@ on every parameter as Keras does. For Keras 3 / optax semantics (decay x lr) use
   python main.py --config=configs/cifar100.py:keras --workdir=workdirs/cifar100_keras
 
   Expected: about 55% top-1 / 82% top-5 (the example's report). Time: 17,600 steps of 256
-  at 1.2 GFLOP/image; the Keras example needs about 85 min per epoch on this 2-core CPU.
+  at 1.2 GFLOP/image: about 18 h on a 2-core CPU (about 70 train images/s); the Keras
+  example needs about 85 min per epoch there (140 h).
 """
 import ml_collections
 
