@@ -213,6 +213,8 @@ def test_preemption_crash_and_damage_resume_bit_exact(fashion_mnist_dirs, env, t
   assert re.search(rf"WARNING: checkpoint {chain}/checkpoints/{s3} is unreadable \(\w+: .+\); "
                    rf"falling back to step {previous}\.", out), out[-3000:]
   assert f"Resuming from {chain}/checkpoints/{previous} (step {previous}/24)." in out
+  # Said once, in one line: orbax's whole error is logged at INFO only.
+  assert out.count(f"checkpoints/{s3} is unreadable") == 1, out[-3000:]
   # Reads of the damaged checkpoint still in flight when orbax gave up: not one report.
   for noise in ("Traceback", "Event loop is closed", "never retrieved", "never awaited"):
     assert noise not in out, out[-3000:]

@@ -237,8 +237,10 @@ class CheckpointStore:
         reason = _reason(e)
         later = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps)
                  else "no older checkpoint to fall back to")
-        logging.error("Checkpoint %s is unreadable (%s: %s); %s.", path, type(e).__name__,
-                      str(e)[:2000], later)
+        # The console gets one line; orbax's whole error (it can dump a TensorStore spec
+        # per array) only where INFO logs are wanted (main.py --verbosity=0).
+        logging.info("Checkpoint %s is unreadable (%s: %s); %s.", path, type(e).__name__,
+                     str(e)[:2000], later)
         if jax.process_index() == 0:
           print(f"WARNING: checkpoint {path} is unreadable ({reason}); {later}.", flush=True)
         continue
