@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vit_jax import config_check
+from vit_jax import config_check, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:ARG].",
                                           lock_config=True)
@@ -63,14 +63,9 @@ def _use_compilation_cache(cache_dir: str) -> None:
 def main(argv):
   from vit_jax import host_memory
   host_memory.keep_freed_memory()  # Before jax starts its threads: see host_memory.py.
-  from vit_jax import checkpoints, data, predict, pretrained, run_files, train
-  # Mistakes a user can fix: one clear line and exit status 1, not a traceback.
-  user_errors = (config_check.ConfigError, data.DataError, run_files.WorkdirMismatchError,
-                 checkpoints.UnreadableCheckpointError, pretrained.CheckpointMismatchError,
-                 predict.NoReadableImageError, train.NonFiniteLossError)
   try:
     _run(argv)
-  except user_errors as e:
+  except errors.UserError as e:  # A mistake the user can fix: one line, exit status 1.
     sys.exit(f"ERROR: {e}")
 
 

@@ -173,3 +173,25 @@ def test_main_bench_mode_prints_the_table_and_one_json_line(tmp_path):
   assert any("train_step" in name for name in entries), entries
   bench_run()
   assert sorted(p.name for p in cache.iterdir()) == entries
+
+
+def test_bench_mode_needs_neither_tfds_nor_tensorflow(tmp_path):
+  """The GPU machines' images hold jax, flax, optax and orbax but not TFDS or TensorFlow:
+  bench mode runs there, skipping the input pipeline's rate and saying why."""
+  argv = ["main.py", "--mode=bench", "--config=configs/cifar100.py",
+          f"--config.data_dir={tmp_path}", "--config.batch_size=8", "--config.eval_batch_size=8",
+          *[f"--config.model.overrides.{k}={v}" for k, v in TINY_OVERRIDES.items()],
+          "--config.aug.randaugment_layers=0", "--config.bench.steps=1",
+          "--config.bench.input_batches=2", f"--config.compilation_cache_dir={tmp_path}/xla"]
+  # A module set to None in sys.modules cannot be imported: as if it were not installed.
+  code = ("import runpy, sys; sys.modules.update(tensorflow_datasets=None, tensorflow=None); "
+          f"sys.argv = {argv!r}; runpy.run_path('main.py', run_name='__main__')")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env=env)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  result = _json_line(out.stdout)
+  _check_fields(result, devices=1)
+  assert result["input/images_per_sec"] is None
+  assert result["input/skipped"] == ("ModuleNotFoundError: import of tensorflow_datasets "
+                                     "halted; None in sys.modules")

@@ -35,8 +35,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vit_jax import errors
 
-class UnreadableCheckpointError(RuntimeError):
+
+class UnreadableCheckpointError(errors.UserError, RuntimeError):
   pass
 
 

@@ -19,10 +19,10 @@ import sys
 
 import ml_collections
 
-from vit_jax import models
+from vit_jax import errors, models
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   pass
 
 

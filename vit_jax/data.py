@@ -55,12 +55,12 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 from PIL import Image
 
-from vit_jax import parallel
+from vit_jax import errors, parallel
 
 Batch = dict[str, np.ndarray]
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """A data mistake the user can fix (bad dataset name, split, image file, labels...):
   main.py prints its message as one line instead of a traceback."""
 

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vit_jax import augment, data, evaluate, run_files
+from vit_jax import augment, data, errors, evaluate, run_files
 
 TOP_K = 5
 
 
-class NoReadableImageError(ValueError):
+class NoReadableImageError(errors.UserError, ValueError):
   pass
 
 

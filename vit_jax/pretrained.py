@@ -51,6 +51,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from vit_jax import errors
+
 PyTree = Any
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
@@ -66,7 +68,7 @@ _HEAD = ("head/kernel", "head/bias")
 _NAMES_SHOWN = 12  # Per report line; to_dict() carries every name.
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """The file cannot initialise the model: missing parameters or unresolvable shapes."""
 
 

@@ -14,11 +14,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from vit_jax import errors
+
 # What must match for a rerun in the same workdir to resume the run found there.
 IDENTITY_KEYS = ("dataset", "model.name", "image_size")
 
 
-class WorkdirMismatchError(ValueError):
+class WorkdirMismatchError(errors.UserError, ValueError):
   pass
 
 

@@ -31,11 +31,11 @@ import ml_collections
 import numpy as np
 
 from configs import common
-from vit_jax import (checkpoints, config_check, data, optim, parallel, report, run_files,
-                     state as state_lib, steps, visualize)
+from vit_jax import (checkpoints, config_check, data, errors, optim, parallel, report,
+                     run_files, state as state_lib, steps, visualize)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.UserError, RuntimeError):
   pass
 
 
