@@ -4,7 +4,7 @@ r"""CIFAR-10 from scratch with the CIFAR-100 recipe (ViT-Ti/4, strong augmentati
 
   Expected: about 93-95% top-1 after 100 epochs (small ViTs with this kind of recipe
   reach 93-95% in the literature; this exact config has not been run to the end here: no
-  CIFAR copy or GPU was available). Time: as configs/cifar100.py, about 35 h on a 2-core
+  CIFAR copy or GPU was available). Time: as configs/cifar100.py, about 18 h on a 2-core
   CPU, well under an hour on one H100.
 """
 import ml_collections

@@ -77,6 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim.momentum = 0.9  # SGD only.
   config.optim.schedule = "cosine"  # "cosine", "linear" (to 0) or "constant", after warmup.
   config.optim.warmup_steps = 0
+  # > 0: the warmup in passes over the training split instead (set one of the two); train.py
+  # turns it into warmup_steps with the run's batch size, as num_epochs into total_steps.
+  config.optim.warmup_epochs = 0.0
   config.optim.end_lr_fraction = 0.0  # Cosine/linear end value as a fraction of lr.
   config.optim.grad_clip_norm = 0.0  # Global-norm clipping (0 = off).
   config.optim.accum_steps = 1  # Micro-batches per step: batch_size must divide by it.
@@ -149,3 +152,14 @@ def model_overrides() -> ml_collections.ConfigDict:
 def steps_for_epochs(num_examples: int, batch_size: int, num_epochs: float) -> int:
   """Steps of `batch_size` that cover `num_epochs` passes over `num_examples`."""
   return max(1, round(num_examples * num_epochs / batch_size))
+
+
+def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> None:
+  """Sets total_steps (if 0) and warmup_steps (if warmup_epochs > 0) from epochs of the
+  training split at the config's batch size: a --config.batch_size override moves both."""
+  if not config.total_steps:
+    config.total_steps = steps_for_epochs(num_train_examples, config.batch_size,
+                                          config.num_epochs)
+  if config.optim.warmup_epochs:
+    config.optim.warmup_steps = steps_for_epochs(num_train_examples, config.batch_size,
+                                                 config.optim.warmup_epochs)

@@ -438,6 +438,12 @@ def test_config_errors_that_involve_two_keys():
   with pytest.raises(config_check.ConfigError, match=r"^config.model.overrides.pool='token' "
                      "needs class_token=True"):
     config_check.validate(config)
+  config = base_config()
+  config.optim.warmup_steps, config.optim.warmup_epochs = 100, 2.0
+  with pytest.raises(config_check.ConfigError) as error:
+    config_check.validate(config)
+  assert str(error.value) == ("config.optim.warmup_steps=100 and config.optim.warmup_epochs="
+                              "2.0: set one of them, the other to 0.")
 
 
 def test_shipped_configs_are_valid():

@@ -111,6 +111,22 @@ def test_schedule_rejects_unresolved_total_steps():
     optim.make_schedule(config)
 
 
+@pytest.mark.parametrize("batch_size,warmup_steps,total_steps", [
+    (256, 1953, 19531), (1024, 488, 4883), (128, 3906, 39062)])
+def test_cifar100_warmup_is_ten_epochs_at_any_batch_size(batch_size, warmup_steps,
+                                                         total_steps):
+  from configs import cifar100, common  # pylint: disable=g-import-not-at-top
+  config = cifar100.get_config()
+  config.batch_size = batch_size  # As --config.batch_size=N does, after get_config.
+  common.resolve_steps(config, 50_000)
+  assert (config.optim.warmup_steps, config.total_steps) == (warmup_steps, total_steps)
+  # An explicit step count is kept.
+  config = cifar100.get_config()
+  config.total_steps, config.optim.warmup_epochs, config.optim.warmup_steps = 500, 0.0, 50
+  common.resolve_steps(config, 50_000)
+  assert (config.optim.warmup_steps, config.total_steps) == (50, 500)
+
+
 def test_run_shorter_than_warmup_is_all_warmup():
   config = make_config(lr=1.0, warmup_steps=20, schedule="cosine")
   config.total_steps = 10

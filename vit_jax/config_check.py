@@ -73,6 +73,7 @@ _REALS = {
     "optim.end_lr_fraction": (0, True, 1, True),
     "label_smoothing": (0, True, 1, False),
     "num_epochs": (0, True, math.inf, False),
+    "optim.warmup_epochs": (0, True, math.inf, False),
     "layer_decay": (0, False, 1, True),
     "backbone_lr_mult": (0, True, math.inf, False),
     "aug.rotate": (0, True, 1, True),
@@ -194,6 +195,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   if config.total_steps == 0 and config.num_epochs == 0:
     raise ConfigError("config.total_steps=0 and config.num_epochs=0: set one of them > 0.")
+  if config.optim.warmup_steps and config.optim.warmup_epochs:
+    raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} and "
+                      f"config.optim.warmup_epochs={config.optim.warmup_epochs}: set one of "
+                      "them, the other to 0.")
   if config.batch_size % config.optim.accum_steps:
     raise ConfigError(f"config.batch_size={config.batch_size} must divide by "
                       f"config.optim.accum_steps={config.optim.accum_steps}.")

@@ -120,8 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mean_C, std_C = train_source.channel_mean_std()
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.total_steps = config.total_steps or common.steps_for_epochs(
-        len(train_source), config.batch_size, config.num_epochs)
+    common.resolve_steps(config, len(train_source))
   total_steps = config.total_steps
   run_files.prepare_workdir(workdir, config, class_names=train_source.class_names,
                             image_shape=train_source.image_shape, mean_C=mean_C,
