@@ -481,7 +481,7 @@ def test_batch_size_that_does_not_divide_over_devices(monkeypatch, tmp_path):
   monkeypatch.setattr(data, "load_source", lambda *a: pytest.fail("data loaded first"))
   config = base_config()
   config.batch_size = 12
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(config_check.ConfigError) as error:
     train.train_and_evaluate(config, str(tmp_path))
   assert str(error.value) == ("config.batch_size=12 does not divide evenly over 8 devices "
                               "(1 process(es) x 8 local): use a multiple of 8, e.g. 8 or 16.")
@@ -525,6 +525,29 @@ def test_data_mistakes_print_one_error_line_from_main(tmp_path):
   assert "Traceback" not in out.stderr
   assert out.stderr.splitlines()[-1].startswith(
       "ERROR: Unknown dataset 'cifar1000'. Did you mean: cifar100, cifar10"), out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode=eval", "--config=configs/cifar100.py"],
+     "{w}/config.json not found: {w} is not a vit_jax training workdir (train into it with "
+     "main.py --mode=train first)."),
+    (["--config=configs/cifar100.py", "--config.batch_size=3"],
+     "config.batch_size=3 does not divide evenly over 2 devices (1 process(es) x 2 local): "
+     "use a multiple of 2, e.g. 2 or 4."),
+    (["--mode=export", "--output=x.npz"],
+     "{w} holds no checkpoint: expected a workdir with best/<step> or checkpoints/<step>, a "
+     "step folder with state/, or a published-format .npz file."),
+])
+def test_workdir_and_batch_mistakes_print_one_error_line_from_main(tmp_path, args, message):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # Each stops before any data is read.
+  out = subprocess.run([sys.executable, str(REPO / "main.py"), f"--workdir={workdir}", *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert (out.returncode, out.stderr.splitlines()[-1]) == (
+      1, "ERROR: " + message.format(w=workdir)), out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
 
 
 

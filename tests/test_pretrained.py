@@ -293,10 +293,10 @@ def test_loading_and_exporting_our_workdirs(tmp_path, source):
     for key, value in _flat(expected).items():
       np.testing.assert_array_equal(_flat(loaded)[key], value, err_msg=f"{path}: {key}")
   assert pretrained.export_workdir(str(workdir), str(out)).endswith("best/5")
-  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+  with pytest.raises(pretrained.MissingCheckpointError, match="holds no checkpoint"):
     pretrained.load_params(_config(tmp_path), target)
   (tmp_path / "notes.txt").write_text("not an archive")
-  with pytest.raises(ValueError, match="not a NumPy .npz file"):
+  with pytest.raises(pretrained.NotACheckpointError, match="not a NumPy .npz file"):
     pretrained.load_params(_config(tmp_path / "notes.txt"), target)
 
 

@@ -53,7 +53,7 @@ def load_trained(workdir: str, which: str = "best",
       break
   store.close()
   if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints or {workdir}/best: "
+    raise run_files.NoRunError(f"No checkpoint in {workdir}/checkpoints or {workdir}/best: "
                             "train first (main.py --mode=train).")
   return Trained(config, model, restored.state.params, restored.step, run["class_names"],
                  np.asarray(run["mean"], np.float32), np.asarray(run["std"], np.float32))

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax import config_check
+
 DATA_AXIS = "data"
 
 
@@ -44,7 +46,7 @@ def check_batch_divides(batch_size: int, what: str = "config.batch_size") -> Non
   n_dev, n_proc = jax.device_count(), jax.process_count()
   if batch_size % n_dev:
     lower, upper = batch_size // n_dev * n_dev, (batch_size // n_dev + 1) * n_dev
-    raise ValueError(
+    raise config_check.ConfigError(
         f"{what}={batch_size} does not divide evenly over {n_dev} devices "
         f"({n_proc} process(es) x {jax.local_device_count()} local): use a multiple of "
         f"{n_dev}, e.g. {lower or upper} or {upper}.")

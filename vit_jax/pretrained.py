@@ -68,6 +68,14 @@ _HEAD = ("head/kernel", "head/bias")
 _NAMES_SHOWN = 12  # Per report line; to_dict() carries every name.
 
 
+class NotACheckpointError(errors.UserError, ValueError):
+  """The file or folder given as a checkpoint (config.init_from, export) is not one."""
+
+
+class MissingCheckpointError(NotACheckpointError, FileNotFoundError):
+  """The path does not exist, or the folder holds no checkpoint."""
+
+
 class CheckpointMismatchError(errors.UserError, ValueError):
   """The file cannot initialise the model: missing parameters or unresolvable shapes."""
 
@@ -134,7 +142,7 @@ def checkpoint_dir(path: str, which: str = "best") -> str:
       if kind != which:
         print(f"No best checkpoint in {path}: using the latest one.", flush=True)
       return os.path.join(folder, str(steps[-1]))
-  raise FileNotFoundError(
+  raise MissingCheckpointError(
       f"{path} holds no checkpoint: expected a workdir with best/<step> or "
       "checkpoints/<step>, a step folder with state/, or a published-format .npz file.")
 
@@ -143,11 +151,11 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   try:
     npz = np.load(path, allow_pickle=False)
   except (ValueError, OSError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path} is not a NumPy .npz file ({type(e).__name__}: {e}); "
+    raise NotACheckpointError(f"{path} is not a NumPy .npz file ({type(e).__name__}: {e}); "
                      "config.init_from takes a published-format .npz, a workdir of ours "
                      "or one of its checkpoint folders.") from e
   if not isinstance(npz, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path} holds a single array, not a .npz of named parameters.")
+    raise NotACheckpointError(f"{path} holds a single array, not a .npz of named parameters.")
   with npz:
     return {key: npz[key] for key in npz.files}
 
@@ -163,7 +171,7 @@ def read_checkpoint_params(step_dir: str) -> dict[str, np.ndarray]:
     path = epath.Path(step_dir) / "state"
     tree = handler.metadata(path).tree
     if "params" not in tree:
-      raise ValueError(f"{path} has no 'params' entry (found {sorted(tree)}): not a "
+      raise NotACheckpointError(f"{path} has no 'params' entry (found {sorted(tree)}): not a "
                        "vit_jax training checkpoint.")
     item = {"params": tree["params"]}
     as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -181,7 +189,7 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], str]:
   if os.path.isdir(path):
     step_dir = checkpoint_dir(path)
     return read_checkpoint_params(step_dir), f"{step_dir} (our checkpoint)"
-  raise FileNotFoundError(f"config.init_from={path!r} does not exist.")
+  raise MissingCheckpointError(f"config.init_from={path!r} does not exist.")
 
 
 @dataclasses.dataclass

@@ -62,8 +62,20 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, class_na
     _atomic_write_json(os.path.join(workdir, "run.json"), run)
 
 
+class NoRunError(errors.UserError, FileNotFoundError):
+  """The workdir holds no training run, or not yet what was asked for: train first."""
+
+
+def _run_file(workdir: str, name: str) -> str:
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    raise NoRunError(f"{path} not found: {workdir} is not a vit_jax training workdir (train "
+                     "into it with main.py --mode=train first).")
+  return path
+
+
 def load_config_dict(workdir: str) -> dict:
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+  with open(_run_file(workdir, "config.json"), encoding="utf-8") as f:
     return json.load(f)
 
 
@@ -72,10 +84,5 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_run(workdir: str) -> dict:
-  path = os.path.join(workdir, "run.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} not found: {workdir} is not a vit_jax training workdir (train into it "
-        "with main.py --mode=train first).")
-  with open(path, encoding="utf-8") as f:
+  with open(_run_file(workdir, "run.json"), encoding="utf-8") as f:
     return json.load(f)

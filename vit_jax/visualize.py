@@ -138,7 +138,7 @@ def plot_training_curves(workdir: str) -> str:
   """
   rows = report.read_metrics(workdir)
   if not rows:
-    raise FileNotFoundError(f"No metrics in {workdir}/metrics.jsonl yet: train first.")
+    raise run_files.NoRunError(f"No metrics in {workdir}/metrics.jsonl yet: train first.")
   width, height = CURVE_PANEL_INCHES
   fig = Figure(figsize=(width * len(_CURVES), height), layout="constrained")
   for ax, (metric, label) in zip(fig.subplots(1, len(_CURVES)), _CURVES):
