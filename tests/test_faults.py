@@ -357,6 +357,17 @@ def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_
           "and train from scratch.\n") in out
   assert (workdir / "config.json").read_text() == before and steps_on_disk(workdir) == [2]
 
+  # A changed setting the train state depends on (no clipping: one optimiser stage fewer)
+  # is named as such, not reported as damage; the checkpoint and config.json stay.
+  out = run(main_args(workdir, fashion_mnist_dirs, *nan_run, "--config.optim.grad_clip_norm=0"),
+            env, tmp_path / "changed.log", 1)
+  assert (f"ERROR: Checkpoint {workdir}/checkpoints/2 is intact but holds another train "
+          "state than this config builds (") in out, out[-3000:]
+  assert out.endswith("Settings changed since the run's config.json: optim.grad_clip_norm: "
+                      "1.0 -> 0.0.\n"), out[-3000:]
+  assert "unreadable" not in out
+  assert (workdir / "config.json").read_text() == before and steps_on_disk(workdir) == [2]
+
   # --start_over trains from scratch; on_nonfinite="skip" goes past the NaN steps (the
   # same architecture under another name: every step from 3 on is non-finite again).
   out = run(main_args(workdir, fashion_mnist_dirs, *other, "--start_over",

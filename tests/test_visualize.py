@@ -179,7 +179,7 @@ def random_run(tmp_path_factory):
   workdir = root / "workdir"
   workdir.mkdir()
   mean_C, std_C = np.full(3, 127.0), np.full(3, 70.0)
-  run_files.prepare_workdir(str(workdir), config, class_names=["cat", "dog"],
+  run_files.write_run_files(str(workdir), config, class_names=["cat", "dog"],
                             image_shape=(16, 16, 3), mean_C=mean_C, std_C=std_C)
   model = state_lib.build_model(config, 2)
   shapes = jax.eval_shape(lambda: state_lib.init_params(model, 0, (16, 16, 3)))

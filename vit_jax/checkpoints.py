@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vit_jax import errors
@@ -40,6 +41,11 @@ from vit_jax import errors
 
 class UnreadableCheckpointError(errors.UserError, RuntimeError):
   pass
+
+
+class StateMismatchError(errors.UserError, ValueError):
+  """An intact checkpoint holds another train state than the one asked for: the config
+  changed a setting the state's structure depends on. Not damage: no fallback."""
 
 
 @dataclasses.dataclass
@@ -110,6 +116,25 @@ def _verify(state, expected: dict[str, list[int]] | None) -> None:
     raise ValueError(f"{len(bad)} array(s) do not match the checksums saved with them "
                      f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the "
                      "files were damaged after writing")
+
+
+def _leaf_specs(tree) -> dict[str, str]:
+  """"path" -> "shape dtype" of every array, paths alike for a TrainState and orbax's
+  metadata of it (attributes, dict keys and sequence indices all become path parts)."""
+  specs = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = (getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    specs["/".join(map(str, parts))] = f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}"
+  return specs
+
+
+def state_differences(stored_tree, abstract_state) -> list[str]:
+  """How the arrays a checkpoint holds differ from those `abstract_state` asks for."""
+  stored, wanted = _leaf_specs(stored_tree), _leaf_specs(abstract_state)
+  return sorted([f"{k} is not in the checkpoint" for k in wanted.keys() - stored.keys()]
+                + [f"{k} is only in the checkpoint" for k in stored.keys() - wanted.keys()]
+                + [f"{k} is {stored[k]} in the checkpoint, {wanted[k]} now"
+                   for k in stored.keys() & wanted.keys() if stored[k] != wanted[k]])
 
 
 def _reason(error: BaseException) -> str:
@@ -230,6 +255,7 @@ class CheckpointStore:
     _silence_abandoned_reads(str(manager.directory))
     for i, step in enumerate(steps):
       path = os.path.join(str(manager.directory), str(step))
+      self._check_structure(path, abstract_state)
       try:
         out = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
@@ -255,6 +281,31 @@ class CheckpointStore:
           "folder from a backup, or move it away (or pass --start_over, which deletes "
           "the run's checkpoints and logs) to train from scratch.")
     return None
+
+  @staticmethod
+  def _check_structure(path: str, abstract_state) -> None:
+    """Raises StateMismatchError if the checkpoint's own metadata describes other arrays.
+
+    Without this, orbax's "tree structures do not match" or "requested shape is not
+    compatible" (and a changed dtype, caught by the checksums) read as damage: the run
+    fell back through every intact checkpoint and suggested deleting them.
+    """
+    handler = ocp.StandardCheckpointHandler()  # What saved "state": reads its metadata.
+    try:
+      stored = handler.metadata(epath.Path(path) / "state").tree
+    except Exception:  # Unreadable metadata is damage: the restore reports it.  # noqa: BLE001
+      return
+    finally:
+      handler.close()
+    differences = state_differences(stored, abstract_state)
+    if differences:
+      shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+      raise StateMismatchError(
+          f"Checkpoint {path} is intact but holds another train state than this config "
+          f"builds ({len(differences)} difference(s): {shown}): a setting it depends on "
+          "changed (optimiser, clipping, layer-wise lr, frozen backbone, model overrides, "
+          "scan_layers, dtypes). Rerun with the settings the run was trained with, or "
+          "train into another --workdir.")
 
   def close(self) -> None:
     self.latest.close()

@@ -47,11 +47,16 @@ def load_trained(workdir: str, which: str = "best",
   store = checkpoints.CheckpointStore(workdir, config.keep_checkpoints)
   abstract = checkpoints.abstract_with_shardings(abstract_state, shardings)
   restored = None
-  for kind in ((which, "latest") if which == "best" else (which,)):
-    restored = store.restore(abstract, kind)
-    if restored is not None:
-      break
-  store.close()
+  try:
+    for kind in ((which, "latest") if which == "best" else (which,)):
+      restored = store.restore(abstract, kind)
+      if restored is not None:
+        break
+  except checkpoints.StateMismatchError as e:
+    raise checkpoints.StateMismatchError(
+        f"{e} {run_files.changed_settings(workdir, config)}") from None
+  finally:
+    store.close()
   if restored is None:
     raise run_files.NoRunError(f"No checkpoint in {workdir}/checkpoints or {workdir}/best: "
                             "train first (main.py --mode=train).")

@@ -37,28 +37,48 @@ def _atomic_write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, class_names,
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, num_classes: int) -> None:
+  """Refuses a workdir that holds a run of another model or dataset."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  old, new = load_config_dict(workdir), json.loads(config.to_json_best_effort())
+  diffs = [f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in IDENTITY_KEYS
+           if _get(old, k) != _get(new, k)]
+  old_classes = load_run(workdir)["num_classes"]
+  if old_classes != num_classes:
+    diffs.append(f"num_classes: {old_classes} -> {num_classes}")
+  if diffs:
+    raise WorkdirMismatchError(
+        f"Workdir {workdir} holds a run of a different model or dataset "
+        f"({'; '.join(diffs)}). Use another --workdir, or pass --start_over to delete "
+        "its checkpoints and train from scratch.")
+
+
+def changed_settings(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """A sentence listing "key: saved -> now" for each config value that differs from the
+  workdir's config.json (for errors about checkpoints the config no longer fits)."""
+  def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+      out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                 else {f"{prefix}{key}": value})
+    return out
+  old = flat(load_config_dict(workdir))
+  new = flat(json.loads(config.to_json_best_effort()))
+  changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+             if old.get(k) != new.get(k)]
+  return f"Settings changed since the run's config.json: {'; '.join(changed) or 'none'}."
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, *, class_names,
                     image_shape, mean_C: np.ndarray, std_C: np.ndarray) -> None:
-  """Checks a resumed workdir matches this run, then writes config.json and run.json."""
-  new = json.loads(config.to_json_best_effort())
+  """config.json and run.json: what eval, predict, export and a resumed run read back."""
   run = {"class_names": list(class_names), "num_classes": len(class_names),
          "image_shape": list(image_shape), "mean": np.asarray(mean_C).tolist(),
          "std": np.asarray(std_C).tolist()}
-  old_config_path = os.path.join(workdir, "config.json")
-  if os.path.exists(old_config_path):
-    old = load_config_dict(workdir)
-    old_run = load_run(workdir)
-    diffs = [f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in IDENTITY_KEYS
-             if _get(old, k) != _get(new, k)]
-    if old_run["num_classes"] != run["num_classes"]:
-      diffs.append(f"num_classes: {old_run['num_classes']} -> {run['num_classes']}")
-    if diffs:
-      raise WorkdirMismatchError(
-          f"Workdir {workdir} holds a run of a different model or dataset "
-          f"({'; '.join(diffs)}). Use another --workdir, or pass --start_over to delete "
-          "its checkpoints and train from scratch.")
   if jax.process_index() == 0:
-    _atomic_write_json(old_config_path, new)
+    _atomic_write_json(os.path.join(workdir, "config.json"),
+                       json.loads(config.to_json_best_effort()))
     _atomic_write_json(os.path.join(workdir, "run.json"), run)
 
 

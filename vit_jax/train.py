@@ -122,9 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with config.unlocked():
     common.resolve_steps(config, len(train_source))
   total_steps = config.total_steps
-  run_files.prepare_workdir(workdir, config, class_names=train_source.class_names,
-                            image_shape=train_source.image_shape, mean_C=mean_C,
-                            std_C=std_C)
+  run_files.check_workdir(workdir, config, train_source.num_classes)
 
   # ------------------------------------------------------------------ Model + optimiser
   model = state_lib.build_model(config, train_source.num_classes)
@@ -138,7 +136,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # -------------------------------------------------------------- Checkpoint / resume
   store = checkpoints.CheckpointStore(workdir, config.keep_checkpoints)
-  restored = store.restore(checkpoints.abstract_with_shardings(state, shardings))
+  try:
+    restored = store.restore(checkpoints.abstract_with_shardings(state, shardings))
+  except checkpoints.StateMismatchError as e:
+    raise checkpoints.StateMismatchError(
+        f"{e} {run_files.changed_settings(workdir, config)}") from None
+  # Written once the run's checkpoints are known to fit this config: a refused rerun
+  # leaves the workdir's record of its run as it was.
+  run_files.write_run_files(workdir, config, class_names=train_source.class_names,
+                            image_shape=train_source.image_shape, mean_C=mean_C, std_C=std_C)
   writer = report.MetricsWriter(workdir)
   # Per-step training metrics since the last metrics.jsonl row, on the host:
   # {"step", "loss", "grad_norm", "finite"}. Saved with each checkpoint, so that a
