@@ -246,6 +246,26 @@ def test_folder_slices_partition_and_mix_classes(image_folder):
   assert len(set(head.labels)) > 1  # A fixed shuffled order, not one class after another.
 
 
+def test_splits_take_the_training_splits_channels(tmp_path):
+  # A greyscale dataset with one colour file among its test images: the test split is
+  # decoded to one channel too (as PIL's "L"), or the model built for the training
+  # images could not evaluate it.
+  for cls in ("a", "b"):
+    write_image(tmp_path / "train" / cls / "x.png", (9, 12), 200, mode="L")
+    write_image(tmp_path / "test" / cls / "y.png", (9, 12), 90, mode="L")
+  write_image(tmp_path / "test" / "a" / "colour.png", (9, 12), (255, 0, 0))
+  config = folder_config(tmp_path)
+  test = data.load_source(config, "test")
+  assert test.image_shape == data.load_source(config, "train").image_shape == (16, 16, 1)
+  assert sorted(np.unique(test.images).tolist()) == [76, 90]  # Pure red's luma: 76.
+  # One colour file among the training images: every split is RGB.
+  write_image(tmp_path / "train" / "b" / "colour.png", (9, 12), (0, 0, 255))
+  data._training_channels.cache_clear()  # pylint: disable=protected-access
+  test = data.load_source(config, "test")
+  assert test.image_shape == (16, 16, 3)
+  assert {tuple(p) for p in test.images.reshape(-1, 3).tolist()} == {(90, 90, 90), (255, 0, 0)}
+
+
 def test_grayscale_folder_stays_single_channel(tmp_path):
   for cls in ("a", "b"):
     write_image(tmp_path / "train" / cls / "x.png", (9, 12), 200, mode="L")

@@ -268,10 +268,37 @@ def _folder_source(config: ml_collections.ConfigDict, split: str) -> ArraySource
         flush=True)
   images = list(_thread_pool().map(functools.partial(decode_file, size=size),
                                    [path for path, _ in examples]))
-  if any(im.shape[-1] == 3 for im in images):  # Mixed folders become RGB throughout.
-    images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
+  channels = _training_channels(root, config.train_split, tuple(class_names))
+  images = [to_channels(im, channels) for im in images]
   return ArraySource(np.stack(images), np.asarray([label for _, label in examples]),
                      class_names=class_names, name="folder", split=split)
+
+
+@functools.cache
+def _training_channels(root: Path, train_split: str, class_names: tuple[str, ...]) -> int:
+  """3 if any training image is in colour, else 1: every split is decoded to it, so that a
+  colour file among the test images of a greyscale dataset cannot change the input shape.
+
+  Reads file headers only, and stops at the first colour file.
+  """
+  for name, instruction in _split_parts(train_split):
+    for path, _ in _folder_examples(root, name, instruction, list(class_names), train_split):
+      try:
+        with Image.open(path) as pil:
+          if not _is_grey(pil.mode):
+            return 3
+      except (OSError, ValueError, SyntaxError, EOFError):
+        continue  # Decoding the split names the file.
+  return 1
+
+
+def to_channels(image_HxWxC: np.ndarray, channels: int) -> np.ndarray:
+  """Grey to RGB by repeating, RGB to grey as PIL's "L" (for folders and predict)."""
+  if image_HxWxC.shape[-1] == channels:
+    return image_HxWxC
+  if channels == 3:
+    return np.repeat(image_HxWxC, 3, axis=-1)
+  return np.asarray(Image.fromarray(image_HxWxC).convert("L"))[..., None]
 
 
 def _folder_examples(root: Path, name: str, instruction: Any, class_names: list[str],
@@ -330,6 +357,10 @@ def _images_in(folder: Path) -> list[Path]:
   return files
 
 
+def _is_grey(pil_mode: str) -> bool:
+  return pil_mode in ("1", "L", "LA", "La") or pil_mode.startswith("I")
+
+
 def decode_file(path: Path, size: int) -> np.ndarray:
   """[size, size, 1] for grayscale files, [size, size, 3] for the rest (alpha dropped).
 
@@ -342,7 +373,7 @@ def decode_file(path: Path, size: int) -> np.ndarray:
         wide = np.asarray(pil).astype(np.int64)
         image = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
       else:
-        image = np.asarray(pil.convert("L" if pil.mode in ("1", "L", "LA", "La") else "RGB"))
+        image = np.asarray(pil.convert("L" if _is_grey(pil.mode) else "RGB"))
   # PIL's errors for files it cannot parse: OSError (UnidentifiedImageError, "image file
   # is truncated"), ValueError, and SyntaxError/EOFError from some format plugins.
   except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:

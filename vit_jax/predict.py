@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from vit_jax import augment, data, errors, evaluate, run_files
 
@@ -65,17 +64,7 @@ def read_image(path: str, image_shape: Sequence[int]) -> np.ndarray:
                      "stores square images, so this workdir was not made by it.")
   # The folder source's decoder, so files are decoded and resized exactly as in training.
   image = data.decode_file(path, height)
-  return to_channels(image, channels)
-
-
-def to_channels(image_HxWxC: np.ndarray, channels: int) -> np.ndarray:
-  """Grey to RGB by repeating (as data.py does for mixed folders), RGB to grey as PIL's L."""
-  if image_HxWxC.shape[-1] == channels:
-    return image_HxWxC
-  if channels == 3:
-    return np.repeat(image_HxWxC, 3, axis=-1)
-  grey_HxW = np.asarray(Image.fromarray(image_HxWxC).convert("L"))
-  return grey_HxW[..., None]
+  return data.to_channels(image, channels)
 
 
 def read_images(paths: Sequence[str], image_shape: Sequence[int]
