@@ -127,6 +127,26 @@ def test_cifar100_warmup_is_ten_epochs_at_any_batch_size(batch_size, warmup_step
   assert (config.optim.warmup_steps, config.total_steps) == (50, 500)
 
 
+def test_a_skipped_step_keeps_the_moments_and_advances_the_schedule():
+  from vit_jax import steps  # pylint: disable=g-import-not-at-top
+  config = make_config(lr=1.0, warmup_steps=4, schedule="linear")
+  config.total_steps = 8
+  params = {"w": jnp.ones((3,))}
+  tx = optim.make_optimizer(config, params)
+  opt_state = tx.init(params)
+  for step in range(3):  # Finite, finite, skipped.
+    _, new = tx.update({"w": jnp.full((3,), 0.5)}, opt_state, params)
+    opt_state = steps.keep_finite_update(jnp.asarray(step < 2), new, opt_state)
+  counts = [x for x in jax.tree_util.tree_leaves(opt_state) if x.dtype == jnp.int32]
+  assert counts and all(int(c) == 3 for c in counts)  # Every counter at the global step.
+  moments = [x for x in jax.tree_util.tree_leaves(opt_state) if x.dtype == jnp.float32]
+  _, twice = tx.update({"w": jnp.full((3,), 0.5)}, tx.init(params), params)
+  _, twice = tx.update({"w": jnp.full((3,), 0.5)}, twice, params)
+  expected = [x for x in jax.tree_util.tree_leaves(twice) if x.dtype == jnp.float32]
+  for got, want in zip(moments, expected, strict=True):  # As after the two finite steps.
+    np.testing.assert_array_equal(got, want)
+
+
 def test_run_shorter_than_warmup_is_all_warmup():
   config = make_config(lr=1.0, warmup_steps=20, schedule="cosine")
   config.total_steps = 10

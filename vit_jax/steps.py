@@ -82,16 +82,25 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.VisionTrans
     # A non-finite loss or gradient never reaches the state: the update is dropped, and
     # the loop stops (on_nonfinite="stop") or carries on ("skip").
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-        lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
+    new_state = state.replace(
+        step=state.step + 1, params=jax.tree_util.tree_map(
+            lambda n, o: jnp.where(finite, n, o), params, state.params),
+        opt_state=keep_finite_update(finite, opt_state, state.opt_state))
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
   return jax.jit(train_step,
                  in_shardings=(shardings, parallel.batch_sharding(mesh)),
                  out_shardings=(shardings, parallel.replicated(mesh)),
                  donate_argnums=0, compiler_options=compiler_options())
+
+
+def keep_finite_update(finite: jax.Array, new_opt_state, old_opt_state):
+  """The optimiser state after a step that was finite or not: a skipped step keeps the old
+  moments, but the step counters (the integer leaves) still advance, so the lr schedule
+  follows the global step (as train/lr logs it) instead of falling behind."""
+  return jax.tree_util.tree_map(
+      lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o),
+      new_opt_state, old_opt_state)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, model: models.VisionTransformer,
