@@ -39,7 +39,10 @@ def load_trained(workdir: str, which: str = "best",
   input_shape = (config.image_size, config.image_size, run["image_shape"][-1])
   abstract_params = jax.eval_shape(lambda: state_lib.init_params(model, config.seed,
                                                                  input_shape))
-  tx = optim.make_optimizer(config, abstract_params)
+  # The optimiser of the run that wrote the checkpoint (its state is part of it), whatever
+  # the given config says: evaluation does not use it, and a changed optimiser setting
+  # would otherwise make intact checkpoints unreadable to eval.
+  tx = optim.make_optimizer(saved, abstract_params)
   abstract_state = jax.eval_shape(lambda: state_lib.TrainState(
       step=jax.numpy.zeros((), jax.numpy.int32), params=abstract_params,
       opt_state=tx.init(abstract_params), rng=jax.numpy.zeros((2,), jax.numpy.uint32)))
