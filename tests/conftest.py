@@ -15,6 +15,15 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def no_dns_lookups(monkeypatch):
+  """data.py checks that a dataset's download hosts resolve before TFDS downloads: in tests
+  (tfds.testing.mock_data stands in for the download) they all "resolve", without a
+  lookup. test_data.py replaces this to test the offline error."""
+  from vit_jax import data
+  monkeypatch.setattr(data, "_resolve_host", lambda host: None)
+
+
 def fashion_manual_dir() -> pathlib.Path | None:
   """The official Fashion-MNIST files: $VIT_JAX_FASHION_MNIST_DIR or ../shared/data/."""
   for candidate in (os.environ.get("VIT_JAX_FASHION_MNIST_DIR"),

@@ -162,6 +162,26 @@ def test_cifar100_with_mock_data(tmp_path):
   assert len(np.unique(source.labels)) > 10  # Random labels, not one constant.
 
 
+def test_offline_download_fails_at_once_naming_the_host(tmp_path, monkeypatch):
+  def no_address(host):
+    raise socket.gaierror(-2, "Name or service not known")
+
+  monkeypatch.setattr(data, "_resolve_host", no_address)
+  for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY"):
+    monkeypatch.delenv(proxy, raising=False)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      lambda *a, **k: pytest.fail("TFDS was asked to download"))
+  config = make_config(dataset="cifar100", data_dir=str(tmp_path))
+  with pytest.raises(data.MissingDataError) as error:
+    data.load_source(config, "train")
+  assert str(error.value) == (
+      "Cannot download cifar100: www.cs.toronto.edu does not resolve ([Errno -2] Name or "
+      "service not known); no network? Without network, put cifar-100-binary.tar.gz in a "
+      "folder and set config.manual_dir to it.")
+  assert not any(tmp_path.iterdir())  # Nothing half-made in the data dir.
+
+
 def test_tfds_images_of_varying_size_are_resized(tmp_path):
   config = make_config(dataset="tf_flowers", data_dir=str(tmp_path), load_size=24)
   with tfds.testing.mock_data(num_examples=20):

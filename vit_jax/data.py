@@ -42,7 +42,9 @@ import shutil
 import threading
 import time
 import types
+import socket
 import urllib.parse
+import urllib.request
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -441,6 +443,7 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
       raise MissingDataError(
           f"{builder.name} cannot be downloaded: put its files in a folder and set "
           f"config.manual_dir to it.\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    _check_download_hosts(builder)
     print(f"Downloading and preparing {builder.name} in {builder.data_path} ...",
           flush=True)
     download_config = tfds.download.DownloadConfig()
@@ -463,6 +466,28 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
         f"put {_manual_files_hint(builder)} in a folder and set config.manual_dir to "
         "it.") from e
   return builder
+
+
+def _resolve_host(host: str) -> None:
+  """Raises OSError (socket.gaierror) when `host` has no address. Tests replace it: none
+  of them may touch the network."""
+  socket.getaddrinfo(host, 443)
+
+
+def _check_download_hosts(builder: tfds.core.DatasetBuilder) -> None:
+  """Stops at once when a host the dataset downloads from does not resolve (no network):
+  TFDS would retry each download with growing pauses for minutes before failing."""
+  if urllib.request.getproxies():  # A proxy resolves the names itself.
+    return
+  urls = builder.url_infos or {}
+  for host in sorted({urllib.parse.urlparse(url).hostname for url in urls} - {None}):
+    try:
+      _resolve_host(host)
+    except OSError as e:
+      raise MissingDataError(
+          f"Cannot download {builder.name}: {host} does not resolve ({e}); no network? "
+          f"Without network, put {_manual_files_hint(builder)} in a folder and set "
+          "config.manual_dir to it.") from e
 
 
 def _hide_accelerators_from_tensorflow() -> None:
