@@ -176,10 +176,16 @@ def test_offline_download_fails_at_once_naming_the_host(tmp_path, monkeypatch):
   with pytest.raises(data.MissingDataError) as error:
     data.load_source(config, "train")
   assert str(error.value) == (
-      "Cannot download cifar100: www.cs.toronto.edu does not resolve ([Errno -2] Name or "
-      "service not known); no network? Without network, put cifar-100-binary.tar.gz in a "
+      "Cannot download cifar100: no host it downloads from resolves (www.cs.toronto.edu "
+      "([Errno -2] Name or service not known); storage.googleapis.com ([Errno -2] Name or "
+      "service not known)); no network? Without network, put cifar-100-binary.tar.gz in a "
       "folder and set config.manual_dir to it.")
   assert not any(tmp_path.iterdir())  # Nothing half-made in the data dir.
+  # Where TFDS's Cloud Storage resolves, TFDS is left to try it.
+  monkeypatch.setattr(data, "_resolve_host",
+                      lambda host: no_address(host) if host != "storage.googleapis.com" else None)
+  with pytest.raises(pytest.fail.Exception, match="TFDS was asked to download"):
+    data.load_source(config, "train")
 
 
 def test_tfds_images_of_varying_size_are_resized(tmp_path):

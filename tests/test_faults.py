@@ -30,7 +30,7 @@ from PIL import Image, ImageFile
 
 from configs import common
 from vit_jax import checkpoints, config_check, data, evaluate, models, predict, state as state_lib
-from vit_jax import train
+from vit_jax import run_files, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -383,6 +383,21 @@ def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_
   skipped = train_state(workdir)
   assert skipped.step == 8 and steps_on_disk(workdir) == [4, 6, 8]
   assert_same_params(skipped.params, good.params)  # No bad update was ever applied.
+
+
+def test_changed_settings_name_real_changes_only(tmp_path):
+  config = base_config()
+  assert run_files.changed_settings(str(tmp_path), config) == (
+      "The workdir has no config.json to compare the settings with.")
+  saved = json.loads(config.to_json_best_effort())
+  del saved["optim"]["warmup_epochs"]  # A key vit_jax added after this run was written.
+  saved["optim"]["lr"], saved["model"]["name"] = 0.5, "ViT-S/4"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert run_files.changed_settings(str(tmp_path), config) == (
+      "Settings changed since the run's config.json: model.name: 'ViT-S/4' -> 'ViT-Ti/4'; "
+      "optim.lr: 0.5 -> 0.001.")
+  assert run_files.changed_settings(str(tmp_path), config, ("model.",)) == (
+      "Settings changed since the run's config.json: model.name: 'ViT-S/4' -> 'ViT-Ti/4'.")
 
 
 # --- 6: config mistakes ------------------------------------------------------------------------

@@ -474,20 +474,30 @@ def _resolve_host(host: str) -> None:
   socket.getaddrinfo(host, 443)
 
 
+# TFDS first looks for a prepared copy of the dataset on Google Cloud Storage.
+_TFDS_GCS_HOST = "storage.googleapis.com"
+
+
 def _check_download_hosts(builder: tfds.core.DatasetBuilder) -> None:
-  """Stops at once when a host the dataset downloads from does not resolve (no network):
-  TFDS would retry each download with growing pauses for minutes before failing."""
+  """Stops at once when neither the dataset's download hosts nor TFDS's Cloud Storage
+  resolve (no network): TFDS would retry each download with growing pauses for minutes
+  before failing."""
   if urllib.request.getproxies():  # A proxy resolves the names itself.
     return
   urls = builder.url_infos or {}
-  for host in sorted({urllib.parse.urlparse(url).hostname for url in urls} - {None}):
+  hosts = sorted({urllib.parse.urlparse(url).hostname for url in urls} - {None})
+  failures = []
+  for host in [*hosts, _TFDS_GCS_HOST] if hosts else []:
     try:
       _resolve_host(host)
+      return  # Something answers: TFDS may get the data from there.
     except OSError as e:
-      raise MissingDataError(
-          f"Cannot download {builder.name}: {host} does not resolve ({e}); no network? "
-          f"Without network, put {_manual_files_hint(builder)} in a folder and set "
-          "config.manual_dir to it.") from e
+      failures.append(f"{host} ({e})")
+  if failures:
+    raise MissingDataError(
+        f"Cannot download {builder.name}: no host it downloads from resolves "
+        f"({'; '.join(failures)}); no network? Without network, put "
+        f"{_manual_files_hint(builder)} in a folder and set config.manual_dir to it.")
 
 
 def _hide_accelerators_from_tensorflow() -> None:

@@ -56,8 +56,10 @@ def load_trained(workdir: str, which: str = "best",
       if restored is not None:
         break
   except checkpoints.StateMismatchError as e:
-    raise checkpoints.StateMismatchError(
-        f"{e} {run_files.changed_settings(workdir, config)}") from None
+    # Eval builds the run's own optimiser: only the model's settings can differ.
+    changed = run_files.changed_settings(workdir, config, ("model.", "scan_layers",
+                                                          "image_size"))
+    raise checkpoints.StateMismatchError(f"{e} {changed}") from None
   finally:
     store.close()
   if restored is None:

@@ -54,9 +54,13 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, num_classes: 
         "its checkpoints and train from scratch.")
 
 
-def changed_settings(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """A sentence listing "key: saved -> now" for each config value that differs from the
-  workdir's config.json (for errors about checkpoints the config no longer fits)."""
+def changed_settings(workdir: str, config: ml_collections.ConfigDict,
+                     prefixes: tuple[str, ...] = ("",)) -> str:
+  """A sentence listing "key: saved -> now" for each config value under `prefixes` that
+  differs from the workdir's config.json (for errors about checkpoints the config no longer
+  fits); keys the saved file lacks (added to vit_jax since) are left out."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return "The workdir has no config.json to compare the settings with."
   def flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -65,8 +69,8 @@ def changed_settings(workdir: str, config: ml_collections.ConfigDict) -> str:
     return out
   old = flat(load_config_dict(workdir))
   new = flat(json.loads(config.to_json_best_effort()))
-  changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-             if old.get(k) != new.get(k)]
+  changed = [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
+             if k.startswith(prefixes) and old[k] != new.get(k)]
   return f"Settings changed since the run's config.json: {'; '.join(changed) or 'none'}."
 
 

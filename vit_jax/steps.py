@@ -96,11 +96,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.VisionTrans
 
 def keep_finite_update(finite: jax.Array, new_opt_state, old_opt_state):
   """The optimiser state after a step that was finite or not: a skipped step keeps the old
-  moments, but the step counters (the integer leaves) still advance, so the lr schedule
-  follows the global step (as train/lr logs it) instead of falling behind."""
+  state (Adam's moments and its bias-correction count included) except the lr schedule's
+  counter, which advances so that the schedule follows the global step (as train/lr logs
+  it) instead of falling behind by every skipped step."""
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
   return jax.tree_util.tree_map(
-      lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o),
-      new_opt_state, old_opt_state)
+      lambda n, o: n if is_schedule(n) else jnp.where(finite, n, o),
+      new_opt_state, old_opt_state, is_leaf=is_schedule)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, model: models.VisionTransformer,
