@@ -289,7 +289,7 @@ def _training_channels(root: Path, train_split: str, class_names: tuple[str, ...
         with Image.open(path) as pil:
           if not _is_grey(pil.mode):
             return 3
-      except (OSError, ValueError, SyntaxError, EOFError):
+      except _PIL_READ_ERRORS:
         continue  # Decoding the split names the file.
   return 1
 
@@ -359,6 +359,12 @@ def _images_in(folder: Path) -> list[Path]:
   return files
 
 
+# PIL's errors for files it cannot parse: OSError (UnidentifiedImageError, "image file is
+# truncated"), ValueError, SyntaxError/EOFError from some format plugins, and images too
+# large to be anything but a decompression bomb.
+_PIL_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
 def _is_grey(pil_mode: str) -> bool:
   return pil_mode in ("1", "L", "LA", "La") or pil_mode.startswith("I")
 
@@ -376,9 +382,7 @@ def decode_file(path: Path, size: int) -> np.ndarray:
         image = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
       else:
         image = np.asarray(pil.convert("L" if _is_grey(pil.mode) else "RGB"))
-  # PIL's errors for files it cannot parse: OSError (UnidentifiedImageError, "image file
-  # is truncated"), ValueError, and SyntaxError/EOFError from some format plugins.
-  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+  except _PIL_READ_ERRORS as e:
     raise DataError(f"Cannot read image {path}: {e or type(e).__name__}. Replace or remove "
                      "the file.") from e
   return _resize(image.reshape(*image.shape[:2], -1), size)
