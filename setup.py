@@ -8,7 +8,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["vit_jax", "vit_jax.*"]),
+    # The recipes in configs/ are installed as vit_jax.configs: found by name anywhere.
+    packages=find_packages(include=["vit_jax", "vit_jax.*"]) + ["vit_jax.configs"],
+    package_dir={"vit_jax.configs": "configs"},
+    entry_points={"console_scripts": ["vit_jax = vit_jax.cli:run"]},
     # Lower bounds are the oldest versions tested; upper bounds leave room for the
     # releases that still support Python 3.11 (jax 0.10.x) and those for 3.12+.
     install_requires=[

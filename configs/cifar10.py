@@ -9,7 +9,7 @@ r"""CIFAR-10 from scratch with the CIFAR-100 recipe (ViT-Ti/4, strong augmentati
 """
 import ml_collections
 
-from configs import cifar100
+from vit_jax.configs import cifar100
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -31,11 +31,11 @@ on every parameter as Keras does. For Keras 3 / optax semantics (decay x lr) use
 """
 import ml_collections
 
-from configs import common
+from vit_jax.config import get_base_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  config = common.get_base_config()
+  config = get_base_config()
   config.dataset = "cifar100"
   config.image_size = 32
   config.batch_size = 256

@@ -15,13 +15,13 @@ decay, label smoothing 0.1, 5 epochs of batch 256.
 """
 import ml_collections
 
-from configs import common
+from vit_jax.config import get_base_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg:
     raise ValueError(f"configs/fashion_mnist.py takes no argument (got {arg!r}).")
-  config = common.get_base_config()
+  config = get_base_config()
   config.dataset = "fashion_mnist"
   config.train_split = "train"
   config.eval_split = "test"

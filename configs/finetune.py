@@ -40,7 +40,7 @@ published runs accumulated 8 micro-batches).
 """
 import ml_collections
 
-from configs import common
+from vit_jax.config import get_base_config
 
 _ALLOWED = ("dataset", "model", "init", "steps", "optim", "image_size")
 _OPTIMS = ("sgd", "adamw")
@@ -79,7 +79,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if optim not in _OPTIMS:
     raise ValueError(f"configs/finetune.py: optim={optim!r}; use one of {', '.join(_OPTIMS)}.")
 
-  config = common.get_base_config()
+  config = get_base_config()
   config.dataset = args.get("dataset", "cifar100")
   config.train_split = "train[:98%]"
   config.eval_split = "test"

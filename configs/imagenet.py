@@ -15,13 +15,13 @@ gradient clipping 1.0, 90 epochs. big_vision's decay of 1e-4 per step x schedule
 """
 import ml_collections
 
-from configs import common
+from vit_jax.config import get_base_config
 
 
 def get_config(arg: str = "S/16") -> ml_collections.ConfigDict:
   if arg not in ("S/16", "B/16"):
     raise ValueError(f"configs/imagenet.py takes 'S/16' or 'B/16', not {arg!r}.")
-  config = common.get_base_config()
+  config = get_base_config()
   config.dataset = "imagenet2012"
   config.train_split = "train[:99%]"
   config.val_split = "train[99%:]"  # big_vision's minival: the best checkpoint is picked on it.

@@ -17,11 +17,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def no_dns_lookups(monkeypatch):
-  """data.py checks that a dataset's download hosts resolve before TFDS downloads: in tests
+  """tfds_source.py checks that a dataset's download hosts resolve before TFDS downloads: in tests
   (tfds.testing.mock_data stands in for the download) they all "resolve", without a
   lookup. test_data.py replaces this to test the offline error."""
-  from vit_jax import data
-  monkeypatch.setattr(data, "_resolve_host", lambda host: None)
+  from vit_jax.data import tfds_source
+  monkeypatch.setattr(tfds_source, "_resolve_host", lambda host: None)
 
 
 def fashion_manual_dir() -> pathlib.Path | None:
@@ -40,9 +40,8 @@ def fashion_mnist_dirs(tmp_path_factory) -> tuple[str, str]:
   if manual_dir is None:
     pytest.skip("Fashion-MNIST files not found in ../shared/data/fashion_mnist (beside the "
                 "repo) or $VIT_JAX_FASHION_MNIST_DIR.")
-  from configs import common
-  from vit_jax import data
-  config = common.get_base_config()
+  from vit_jax import config as config_lib, data
+  config = config_lib.get_base_config()
   config.dataset = "fashion_mnist"
   config.manual_dir = str(manual_dir)
   config.data_dir = str(tmp_path_factory.mktemp("tfds"))

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import common
-from vit_jax import augment, parallel
+from vit_jax import config as config_lib, parallel
+from vit_jax.data import augment, geometry, randaugment
 
 NUM_CLASSES = 10
 
 
 def make_aug(**overrides) -> ml_collections.ConfigDict:
   """The base config's aug block (every random op off) with `overrides` applied."""
-  aug = common.get_base_config().aug
+  aug = config_lib.get_base_config().aug
   for key, value in overrides.items():
     setattr(aug, key, value)
   return aug
@@ -56,8 +56,8 @@ def _jitted(preprocess, frozen_aug: tuple, image_size: int, **static):
 
 
 # Whole programs compile once per shape, far faster than running the ops eagerly.
-warp = jax.jit(augment.warp_affine, static_argnames=("out_hw", "fill"))
-rand_augment_color = jax.jit(augment._rand_augment_color, static_argnames="level")
+warp = jax.jit(geometry.warp_affine, static_argnames=("out_hw", "fill"))
+rand_augment_color = jax.jit(randaugment.color_ops, static_argnames="level")
 
 # Every random op at once (pad_crop and inception exclude each other).
 ALL_OPS = dict(crop="pad_crop", flip=True, rotate=0.05, zoom=0.2, randaugment_layers=2,
@@ -203,14 +203,14 @@ def test_flip_mirrors_about_half_the_images():
 
 def test_warp_identity_is_exact():
   images = jnp.asarray(random_images(3, 9, 3), jnp.float32)
-  matrix = augment.rotation_zoom_matrix(jnp.zeros(3), jnp.ones(3), jnp.ones(3), 9, 9)
+  matrix = geometry.rotation_zoom_matrix(jnp.zeros(3), jnp.ones(3), jnp.ones(3), 9, 9)
   np.testing.assert_array_equal(warp(images, matrix, (9, 9), fill="reflect"),
                                 images)
 
 
 def test_quarter_turn_is_rot90_counter_clockwise():
   images = jnp.asarray(random_images(2, 7, 3), jnp.float32)
-  matrix = augment.rotation_zoom_matrix(jnp.full(2, math.pi / 2), jnp.ones(2), jnp.ones(2), 7, 7)
+  matrix = geometry.rotation_zoom_matrix(jnp.full(2, math.pi / 2), jnp.ones(2), jnp.ones(2), 7, 7)
   rotated = warp(images, matrix, (7, 7), fill="reflect")
   np.testing.assert_allclose(rotated, np.rot90(images, k=1, axes=(1, 2)), atol=1e-3)
 
@@ -221,12 +221,12 @@ def test_zoom_out_reflects_and_zoom_in_interpolates():
   ones = jnp.ones(1)
   # Zoom x2 about column 2 reads columns 2x - 2 = -2, 0, 2, 4, 6; -2 and 6 reflect to 1, 3.
   zoomed_out = warp(
-      images, augment.rotation_zoom_matrix(jnp.zeros(1), ones, 2 * ones, 3, 5), (3, 5),
+      images, geometry.rotation_zoom_matrix(jnp.zeros(1), ones, 2 * ones, 3, 5), (3, 5),
       fill="reflect")
   np.testing.assert_allclose(zoomed_out[0, 1, :, 0], [20, 10, 40, 160, 80])
   # Zoom x0.5 reads columns 0.5x + 1 = 1, 1.5, 2, 2.5, 3.
   zoomed_in = warp(
-      images, augment.rotation_zoom_matrix(jnp.zeros(1), ones, ones / 2, 3, 5), (3, 5),
+      images, geometry.rotation_zoom_matrix(jnp.zeros(1), ones, ones / 2, 3, 5), (3, 5),
       fill="reflect")
   np.testing.assert_allclose(zoomed_in[0, 1, :, 0], [20, 30, 40, 60, 80])
 
@@ -418,7 +418,7 @@ def test_rand_augment_stays_in_range_and_changes_images():
 def test_rand_augment_colour_ops(op, reference):
   x_HxWxC = np.random.default_rng(1).uniform(0, 255, (6, 6, 3)).astype(np.float32)
   signed_level = -0.9  # M=9, negative sign: factor f = 1 - 0.81
-  out = rand_augment_color(jnp.asarray(x_HxWxC)[None], jnp.array([augment._OP[op]]),
+  out = rand_augment_color(jnp.asarray(x_HxWxC)[None], jnp.array([randaugment.OP[op]]),
                                     jnp.array([signed_level]), 0.9)
   expected = np.clip(reference(x_HxWxC, 1 + 0.9 * signed_level), 0, 255)
   np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-3)
@@ -433,7 +433,7 @@ def test_rand_augment_sharpness_blends_with_pil_smooth():
       smooth[i, j, 0] = (x_HxWxC[i - 1:i + 2, j - 1:j + 2, 0] * kernel).sum()
   factor = 1.5
   out = rand_augment_color(jnp.asarray(x_HxWxC)[None],
-                                    jnp.array([augment._OP["sharpness"]]),
+                                    jnp.array([randaugment.OP["sharpness"]]),
                                     jnp.array([(factor - 1) / 0.9]), 0.5)
   np.testing.assert_allclose(out[0], np.clip(smooth + factor * (x_HxWxC - smooth), 0, 255),
                              rtol=1e-5, atol=1e-3)
@@ -442,7 +442,7 @@ def test_rand_augment_sharpness_blends_with_pil_smooth():
 def test_rand_augment_translate_moves_pixels_and_fills_grey():
   """translate_x by 0.45 * level of the width, the uncovered columns grey 128."""
   x = jnp.asarray(random_images(1, 20, 1), jnp.float32)
-  matrix = augment._rand_augment_matrix(jnp.array([augment._OP["translate_x"]]),
+  matrix = randaugment.geometric_matrix(jnp.array([randaugment.OP["translate_x"]]),
                                         jnp.array([0.5]), 20, 20)
   out = warp(x, matrix, (20, 20), fill=128.0)
   # Column c reads c + 0.45 * 0.5 * 20 = c + 4.5: the mean of columns c + 4 and c + 5.

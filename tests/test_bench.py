@@ -13,8 +13,9 @@ import jax
 import ml_collections
 import pytest
 
-from configs import common
-from vit_jax import bench, models
+from vit_jax import config as config_lib, models
+from vit_jax.data import catalog
+from vit_jax.tools import bench, flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def _forward_mflops(img, patch, chans, width, depth, heads, head_dim, mlp, cls_t
 def test_forward_matmul_flops_equal_the_formula(name, image_size, formula_mflops,
                                                 published_mflops):
   model = models.create_model(name, num_classes=100)
-  counted = bench.forward_matmul_flops(model, (image_size, image_size, 3)) / 1e6
+  counted = flops.forward_matmul_flops(model, (image_size, image_size, 3)) / 1e6
   assert counted == pytest.approx(formula_mflops, rel=1e-6)  # Exact up to float rounding.
   assert counted == pytest.approx(published_mflops, abs=0.1)  # The peers' README (1 d.p.).
 
@@ -65,31 +66,31 @@ def test_matmul_flops_count_scanned_layers_once_per_layer():
   unrolled = models.create_model("ViT-Ti/4", num_classes=10, **TINY_OVERRIDES)
   scanned = models.create_model("ViT-Ti/4", num_classes=10, scan_layers=True, remat=True,
                                 **TINY_OVERRIDES)
-  assert bench.forward_matmul_flops(scanned, (32, 32, 3)) == pytest.approx(
-      bench.forward_matmul_flops(unrolled, (32, 32, 3)))
+  assert flops.forward_matmul_flops(scanned, (32, 32, 3)) == pytest.approx(
+      flops.forward_matmul_flops(unrolled, (32, 32, 3)))
 
 
 def test_dataset_shapes_come_without_downloading():
-  config = common.get_base_config()
-  assert bench.dataset_shape(config) == ((32, 32, 3), 100)  # cifar100
+  config = config_lib.get_base_config()
+  assert catalog.dataset_shape(config) == ((32, 32, 3), 100)  # cifar100
   config.dataset = "fashion_mnist"
-  assert bench.dataset_shape(config) == ((28, 28, 1), 10)
+  assert catalog.dataset_shape(config) == ((28, 28, 1), 10)
   config.dataset, config.image_size = "imagenet2012", 224
-  assert bench.dataset_shape(config) == ((224, 224, 3), 1000)
+  assert catalog.dataset_shape(config) == ((224, 224, 3), 1000)
   config.dataset = "no_such_dataset_xyz"
   with pytest.raises(ValueError, match="does not know the image shape"):
-    bench.dataset_shape(config)
+    catalog.dataset_shape(config)
 
 
 def test_peak_table():
-  assert bench.table_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
-  assert bench.table_peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 494.0
-  assert bench.table_peak_tflops("TPU v4", "float32") == 275.0
-  assert bench.table_peak_tflops("cpu", "float32") is None
+  assert flops.table_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+  assert flops.table_peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 494.0
+  assert flops.table_peak_tflops("TPU v4", "float32") == 275.0
+  assert flops.table_peak_tflops("cpu", "float32") is None
 
 
 def _tiny_config(dataset: str = "cifar100") -> ml_collections.ConfigDict:
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   config.dataset = dataset
   config.image_size = 32 if dataset == "cifar100" else 28
   config.model.overrides.update(TINY_OVERRIDES)

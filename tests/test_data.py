@@ -11,8 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from configs import common
-from vit_jax import data, parallel
+from vit_jax import config as config_lib, data, errors, parallel
+from vit_jax.data import folders, pipeline, tfds_source
 
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -21,7 +21,7 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 
 
 def make_config(**overrides):
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   for key, value in overrides.items():
     setattr(config, key, value)
   return config
@@ -108,8 +108,7 @@ def test_split_that_does_not_exist(fashion_config):
 
 
 def test_fashion_mnist_throughput(fashion_config, fashion_train, mesh):
-  rate = data.measure_input_throughput(fashion_config, mesh, num_batches=20,
-                                       source=fashion_train)
+  rate = data.measure_input_throughput(fashion_train, fashion_config, mesh, num_batches=20)
   assert rate > 2000  # The CPU model step takes ~40 images/s.
 
 
@@ -166,14 +165,14 @@ def test_offline_download_fails_at_once_naming_the_host(tmp_path, monkeypatch):
   def no_address(host):
     raise socket.gaierror(-2, "Name or service not known")
 
-  monkeypatch.setattr(data, "_resolve_host", no_address)
+  monkeypatch.setattr(tfds_source, "_resolve_host", no_address)
   for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
                 "ALL_PROXY"):
     monkeypatch.delenv(proxy, raising=False)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: pytest.fail("TFDS was asked to download"))
   config = make_config(dataset="cifar100", data_dir=str(tmp_path))
-  with pytest.raises(data.MissingDataError) as error:
+  with pytest.raises(errors.MissingDataError) as error:
     data.load_source(config, "train")
   assert str(error.value) == (
       "Cannot download cifar100: no host it downloads from resolves (www.cs.toronto.edu "
@@ -182,7 +181,7 @@ def test_offline_download_fails_at_once_naming_the_host(tmp_path, monkeypatch):
       "folder and set config.manual_dir to it.")
   assert not any(tmp_path.iterdir())  # Nothing half-made in the data dir.
   # Where TFDS's Cloud Storage resolves, TFDS is left to try it.
-  monkeypatch.setattr(data, "_resolve_host",
+  monkeypatch.setattr(tfds_source, "_resolve_host",
                       lambda host: no_address(host) if host != "storage.googleapis.com" else None)
   with pytest.raises(pytest.fail.Exception, match="TFDS was asked to download"):
     data.load_source(config, "train")
@@ -200,7 +199,7 @@ def test_tfds_images_of_varying_size_are_resized(tmp_path):
 def test_tfds_random_access_source(tmp_path, monkeypatch, mesh):
   config = make_config(dataset="tf_flowers", data_dir=str(tmp_path), image_size=16)
   # The mocks store no files; pretend the build has array_record ones to read on demand.
-  monkeypatch.setattr(data, "_has_array_record", lambda info: True)
+  monkeypatch.setattr(tfds_source, "_has_array_record", lambda info: True)
   with tfds.testing.mock_data(num_examples=20):
     source = data.load_source(config, "train")
     assert isinstance(source, data.StreamingSource)
@@ -286,7 +285,7 @@ def test_splits_take_the_training_splits_channels(tmp_path):
   assert sorted(np.unique(test.images).tolist()) == [76, 90]  # Pure red's luma: 76.
   # One colour file among the training images: every split is RGB.
   write_image(tmp_path / "train" / "b" / "colour.png", (9, 12), (0, 0, 255))
-  data._training_channels.cache_clear()  # pylint: disable=protected-access
+  folders._training_channels.cache_clear()  # pylint: disable=protected-access
   test = data.load_source(config, "test")
   assert test.image_shape == (16, 16, 3)
   assert {tuple(p) for p in test.images.reshape(-1, 3).tolist()} == {(90, 90, 90), (255, 0, 0)}
@@ -362,7 +361,7 @@ def test_each_epoch_is_a_permutation_and_batches_straddle_epochs(mesh):
   for epoch in epochs:
     np.testing.assert_array_equal(np.sort(epoch), np.arange(100))
   assert not np.array_equal(epochs[0], epochs[1])
-  np.testing.assert_array_equal(epochs[1], data.epoch_order(100, 3, 1))
+  np.testing.assert_array_equal(epochs[1], pipeline.epoch_order(100, 3, 1))
 
 
 def test_unshuffled_batches_are_in_order(mesh):
@@ -419,15 +418,15 @@ def test_batch_size_must_divide_over_devices(mesh):
 
 
 def test_process_slices_cover_the_global_batch():
-  positions = data.global_batch_positions(step=3, batch_size=64)
+  positions = pipeline.global_batch_positions(step=3, batch_size=64)
   np.testing.assert_array_equal(positions, np.arange(192, 256))
   for count in (1, 2, 4, 8):
-    parts = [data.process_slice(positions, p, count) for p in range(count)]
+    parts = [pipeline.process_slice(positions, p, count) for p in range(count)]
     assert all(len(part) == 64 // count for part in parts)
     np.testing.assert_array_equal(np.concatenate(parts), positions)
-  np.testing.assert_array_equal(data.process_slice(positions, 1, 4), np.arange(208, 224))
+  np.testing.assert_array_equal(pipeline.process_slice(positions, 1, 4), np.arange(208, 224))
   with pytest.raises(ValueError, match="A batch of 64 does not split over 3 processes"):
-    data.process_slice(positions, 0, 3)
+    pipeline.process_slice(positions, 0, 3)
 
 
 def test_prefetch_threads_stop(mesh):
@@ -449,8 +448,8 @@ def test_input_throughput_in_memory(mesh):
   rng = np.random.default_rng(0)
   source = data.ArraySource(rng.integers(0, 256, (50_000, 32, 32, 3), np.uint8),
                             rng.integers(0, 100, 50_000), class_names=list("x" * 100))
-  rate = data.measure_input_throughput(make_config(batch_size=256), mesh, num_batches=20,
-                                       source=source)
+  rate = data.measure_input_throughput(source, make_config(batch_size=256), mesh,
+                                       num_batches=20)
   assert rate > 2000  # The CPU model step takes ~40 images/s.
 
 
@@ -490,4 +489,3 @@ def test_channel_mean_std_exact():
   assert mean.dtype == std.dtype == np.float32
   np.testing.assert_allclose(mean, [10, 127.5, 3])
   np.testing.assert_allclose(std, [0, 127.5, np.sqrt(5)], rtol=1e-6)
-

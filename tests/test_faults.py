@@ -28,9 +28,10 @@ import tensorflow_datasets as tfds
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from PIL import Image, ImageFile
 
-from configs import common
-from vit_jax import checkpoints, config_check, data, evaluate, models, predict, state as state_lib
-from vit_jax import run_files, train
+from vit_jax import cli, config as config_lib, data, errors, models, parallel, train
+from vit_jax.data import decode
+from vit_jax.tools import evaluate, predict
+from vit_jax.train import checkpoints, state as state_lib, workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -229,7 +230,7 @@ def test_preemption_crash_and_damage_resume_bit_exact(fashion_mnist_dirs, env, t
 
 
 def train_state(workdir, which="latest"):
-  return evaluate.load_trained(str(workdir), which)
+  return workdir_lib.load_trained(str(workdir), which)
 
 
 # --- 3: damaged checkpoints, in-process -----------------------------------------------------
@@ -273,7 +274,7 @@ def test_damaged_checkpoints_are_named_and_skipped(tmp_path, capsys):
   (folder / "2" / "meta" / "metadata").unlink()
   big = largest_file(folder / "1" / "state")
   big.write_bytes(big.read_bytes()[:big.stat().st_size // 2])
-  with pytest.raises(checkpoints.UnreadableCheckpointError) as error:
+  with pytest.raises(errors.UnreadableCheckpointError) as error:
     store.restore(abstract)
   assert str(error.value) == (
       f"No readable checkpoint in {folder} (tried steps 3, 2, 1; the reasons are printed "
@@ -387,16 +388,16 @@ def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_
 
 def test_changed_settings_name_real_changes_only(tmp_path):
   config = base_config()
-  assert run_files.changed_settings(str(tmp_path), config) == (
+  assert workdir_lib.changed_settings(str(tmp_path), config) == (
       "The workdir has no config.json to compare the settings with.")
   saved = json.loads(config.to_json_best_effort())
   del saved["optim"]["warmup_epochs"]  # A key vit_jax added after this run was written.
   saved["optim"]["lr"], saved["model"]["name"] = 0.5, "ViT-S/4"
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  assert run_files.changed_settings(str(tmp_path), config) == (
+  assert workdir_lib.changed_settings(str(tmp_path), config) == (
       "Settings changed since the run's config.json: model.name: 'ViT-S/4' -> 'ViT-Ti/4'; "
       "optim.lr: 0.5 -> 0.001.")
-  assert run_files.changed_settings(str(tmp_path), config, ("model.",)) == (
+  assert workdir_lib.changed_settings(str(tmp_path), config, ("model.",)) == (
       "Settings changed since the run's config.json: model.name: 'ViT-S/4' -> 'ViT-Ti/4'.")
 
 
@@ -404,7 +405,7 @@ def test_changed_settings_name_real_changes_only(tmp_path):
 
 
 def base_config() -> ml_collections.ConfigDict:
-  return common.get_base_config()
+  return config_lib.get_base_config()
 
 
 def set_key(config, dotted: str, value) -> None:
@@ -448,36 +449,36 @@ def set_key(config, dotted: str, value) -> None:
 def test_config_error_names_key_value_and_allowed(key, value, message):
   config = base_config()
   set_key(config, key, value)
-  with pytest.raises(config_check.ConfigError) as error:
-    config_check.validate(config)
+  with pytest.raises(errors.ConfigError) as error:
+    config_lib.validate(config)
   assert str(error.value) == message
 
 
 def test_config_errors_that_involve_two_keys():
   config = base_config()
   config.total_steps, config.num_epochs = 0, 0.0
-  with pytest.raises(config_check.ConfigError, match=r"^config.total_steps=0 and "
+  with pytest.raises(errors.ConfigError, match=r"^config.total_steps=0 and "
                      r"config.num_epochs=0: set one of them > 0\.$"):
-    config_check.validate(config)
+    config_lib.validate(config)
   config = base_config()
   config.model.overrides.class_token = False
-  with pytest.raises(config_check.ConfigError, match=r"^config.model.overrides.pool='token' "
+  with pytest.raises(errors.ConfigError, match=r"^config.model.overrides.pool='token' "
                      "needs class_token=True"):
-    config_check.validate(config)
+    config_lib.validate(config)
   config = base_config()
   config.optim.warmup_steps, config.optim.warmup_epochs = 100, 2.0
-  with pytest.raises(config_check.ConfigError) as error:
-    config_check.validate(config)
+  with pytest.raises(errors.ConfigError) as error:
+    config_lib.validate(config)
   assert str(error.value) == ("config.optim.warmup_steps=100 and config.optim.warmup_epochs="
                               "2.0: set one of them, the other to 0.")
 
 
 def test_shipped_configs_are_valid():
-  from configs import cifar100, fashion_mnist, finetune
+  from vit_jax.configs import cifar100, fashion_mnist, finetune
   for config in (base_config(), cifar100.get_config(), cifar100.get_config("keras"),
                  fashion_mnist.get_config(),
                  finetune.get_config("dataset=cifar100,model=ViT-B/16,init=/c/B_16.npz")):
-    config_check.validate(config)
+    config_lib.validate(config)
 
 
 @pytest.fixture
@@ -486,8 +487,8 @@ def no_compute(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("reached compute or data before the config was checked")
 
-  for module, name in ((data, "load_source"), (train.parallel, "make_mesh"),
-                       (evaluate, "load_trained")):
+  for module, name in ((data, "load_source"), (parallel, "make_mesh"),
+                       (workdir_lib, "load_trained")):
     monkeypatch.setattr(module, name, refuse)
 
 
@@ -496,9 +497,9 @@ def no_compute(monkeypatch):
 def test_config_checked_before_anything_else(no_compute, tmp_path, key, value):
   config = base_config()
   set_key(config, key, value)
-  with pytest.raises(config_check.ConfigError, match=rf"^config\.{re.escape(key)}="):
+  with pytest.raises(errors.ConfigError, match=rf"^config\.{re.escape(key)}="):
     train.train_and_evaluate(config, str(tmp_path))
-  with pytest.raises(config_check.ConfigError, match=rf"^config\.{re.escape(key)}="):
+  with pytest.raises(errors.ConfigError, match=rf"^config\.{re.escape(key)}="):
     evaluate.evaluate(config, str(tmp_path))
   assert not any(tmp_path.iterdir())
 
@@ -507,7 +508,7 @@ def test_batch_size_that_does_not_divide_over_devices(monkeypatch, tmp_path):
   monkeypatch.setattr(data, "load_source", lambda *a: pytest.fail("data loaded first"))
   config = base_config()
   config.batch_size = 12
-  with pytest.raises(config_check.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     train.train_and_evaluate(config, str(tmp_path))
   assert str(error.value) == ("config.batch_size=12 does not divide evenly over 8 devices "
                               "(1 process(es) x 8 local): use a multiple of 8, e.g. 8 or 16.")
@@ -515,9 +516,9 @@ def test_batch_size_that_does_not_divide_over_devices(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("flag,message", [
     ("--config.nonexistent=1", "--config.nonexistent=1: the config has no key "
-     "'nonexistent'. Every key, with its default, is in configs/common.py."),
+     "'nonexistent'. Every key, with its default, is in vit_jax/config.py."),
     ("--config.optim.nme=sgd", "--config.optim.nme=sgd: the config has no key 'nme'. Did "
-     'you mean "name"? Every key, with its default, is in configs/common.py.'),
+     'you mean "name"? Every key, with its default, is in vit_jax/config.py.'),
     ("--config.optim.lr=abc", "flag --config.optim.lr=abc: could not convert string to "
      "float: 'abc'"),
     ("--config.model.overrides.depth=2.5", "flag --config.model.overrides.depth=2.5: "
@@ -532,7 +533,7 @@ def test_command_line_config_mistakes(flag, message, capsys):
   config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
                                   lock_config=True, sys_argv=argv)
   with pytest.raises(SystemExit) as exit_:
-    config_check.parse_flags(argv, flag_values)
+    cli.parse_flags(argv, flag_values)
   assert exit_.value.code == 1
   assert capsys.readouterr().err == (f"FATAL Flags parsing error: {message}\n"
                                      "Pass --helpshort or --helpfull to see help on flags.\n")
@@ -576,7 +577,6 @@ def test_workdir_and_batch_mistakes_print_one_error_line_from_main(tmp_path, arg
   assert "Traceback" not in out.stderr
 
 
-
 def save(image: Image.Image, path: pathlib.Path, **kwargs) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   image.save(path, **kwargs)
@@ -598,17 +598,17 @@ def test_image_modes_decode_to_the_right_channels(tmp_path):
   la = save(Image.new("LA", (8, 8), (77, 0)), folder / "b" / "la.png")
   bilevel = save(Image.new("1", (8, 8), 1), folder / "b" / "bilevel.png")
 
-  decode = lambda path: data.decode_file(path, 8)  # noqa: E731
-  np.testing.assert_array_equal(decode(rgba), np.full((8, 8, 3), (10, 200, 30)))
-  np.testing.assert_array_equal(decode(pal), np.full((8, 8, 3), (250, 100, 5)))
-  np.testing.assert_allclose(decode(cmyk).reshape(-1, 3).mean(0), (200, 40, 40), atol=4)
+  read = lambda path: decode.decode_file(path, 8)  # noqa: E731
+  np.testing.assert_array_equal(read(rgba), np.full((8, 8, 3), (10, 200, 30)))
+  np.testing.assert_array_equal(read(pal), np.full((8, 8, 3), (250, 100, 5)))
+  np.testing.assert_allclose(read(cmyk).reshape(-1, 3).mean(0), (200, 40, 40), atol=4)
   # 16 bits scaled, not clipped: 60000 -> 233 (PIL's convert("L") would give 255).
-  assert decode(sixteen).shape == (8, 8, 1) and decode(sixteen)[4, 4, 0] == 233
-  assert data.decode_file(sixteen, 10)[0, 0, 0] == 0
-  np.testing.assert_array_equal(decode(la), np.full((8, 8, 1), 77))
-  np.testing.assert_array_equal(decode(bilevel), np.full((8, 8, 1), 255))
+  assert read(sixteen).shape == (8, 8, 1) and read(sixteen)[4, 4, 0] == 233
+  assert decode.decode_file(sixteen, 10)[0, 0, 0] == 0
+  np.testing.assert_array_equal(read(la), np.full((8, 8, 1), 77))
+  np.testing.assert_array_equal(read(bilevel), np.full((8, 8, 1), 255))
 
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   config.dataset, config.data_dir, config.load_size = "folder", str(tmp_path), 8
   source = data.load_source(config, "train")
   assert source.image_shape == (8, 8, 3) and len(source) == 6  # Mixed: RGB throughout.
@@ -620,7 +620,7 @@ def test_image_modes_decode_to_the_right_channels(tmp_path):
 def test_grayscale_only_modes_stay_one_channel(tmp_path):
   save(Image.fromarray(np.full((5, 7), 30000, np.uint16)), tmp_path / "train" / "x" / "a.png")
   save(Image.new("LA", (6, 6), (10, 255)), tmp_path / "train" / "y" / "b.png")
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   config.dataset, config.data_dir, config.load_size = "folder", str(tmp_path), 4
   source = data.load_source(config, "train")
   assert source.image_shape == (4, 4, 1)
@@ -635,7 +635,7 @@ def test_class_folders_without_images(tmp_path):
   (junk / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
   (junk / "readme.txt").write_text("no images here")
   save(Image.new("RGB", (4, 4)), tmp_path / "train" / "dog" / "0.png")
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   config.dataset, config.data_dir = "folder", str(tmp_path)
   with pytest.raises(ValueError) as error:
     data.load_source(config, "test")
@@ -657,7 +657,7 @@ def test_broken_image_files_are_named(tmp_path, kind):
   assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # Nothing imported turned it on.
   with pytest.raises(ValueError, match=rf"^Cannot read image {re.escape(str(path))}: .+\. "
                      r"Replace or remove the file\.$"):
-    data.decode_file(path, 8)
+    decode.decode_file(path, 8)
 
 
 def test_labels_outside_the_classes_name_split_and_values():
@@ -685,7 +685,7 @@ def test_tfds_labels_outside_the_classes(tmp_path):
         "image": np.zeros((6, 32, 32, 3), np.uint8),
         "label": np.array([0, 3, 10, 9, 11, 1], np.int64)})
 
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   config.dataset, config.data_dir = "cifar10", str(tmp_path)
   with tfds.testing.mock_data(as_dataset_fn=as_dataset):
     with pytest.raises(ValueError) as error:
@@ -741,8 +741,8 @@ def test_fuzzed_configs_fail_only_with_config_errors(overrides):
     except TypeError as e:  # ml_collections: the key's type does not fit the value.
       assert str(e).startswith(f"Could not override field '{key.split('.')[-1]}'")
   try:
-    config_check.validate(config)
-  except config_check.ConfigError as e:
+    config_lib.validate(config)
+  except errors.ConfigError as e:
     assert str(e).startswith("config.")
     event("refused by validate")
     return
@@ -795,7 +795,7 @@ def test_fuzzed_image_files_decode_or_fail_clearly(tmp_path, file, channels):
   path = tmp_path / name
   path.write_bytes(raw)
   try:
-    image = data.decode_file(path, 8)
+    image = decode.decode_file(path, 8)
   except ValueError as e:
     assert re.fullmatch(rf"Cannot read image {re.escape(str(path))}: .+\. Replace or "
                         r"remove the file\.", str(e), re.DOTALL), str(e)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import metrics
+from vit_jax.train import metrics
 
 
 def test_cross_entropy_one_hot_is_minus_log_softmax():
@@ -80,4 +80,3 @@ def test_finalize_eval_values():
   assert type(result["eval/num_examples"]) is int and type(result["eval/loss"]) is float
   with pytest.raises(ValueError, match="no evaluation examples"):
     metrics.finalize_eval({"loss_sum": 0.0, "top1_sum": 0, "top5_sum": 0, "count": 0})
-

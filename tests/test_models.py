@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from vit_jax import models
+from vit_jax.models import cpu_kernels
 
 # Published counts (1000 classes, 224 px, class token, no pre_logits), from the ViT paper's
 # checkpoints; the small-image and Keras rows are derived in the comments below.
@@ -88,10 +89,10 @@ def test_gelu_is_the_published_vits_tanh_form_and_the_keras_origins_erf():
   for name, want in (("ViT-Ti/4", tanh_form), ("ViT-B/16", tanh_form),
                      ("keras-example", erf_form)):
     model = models.create_model(name, num_classes=10)
-    np.testing.assert_allclose(models._gelu(x, model.gelu_approximate), want, atol=2e-6,
+    np.testing.assert_allclose(cpu_kernels.gelu(x, model.gelu_approximate), want, atol=2e-6,
                                err_msg=name)
   for approximate in (True, False):  # bfloat16 stays bfloat16, forward and backward.
-    y, vjp = jax.vjp(lambda v: models._gelu(v, approximate), x.astype(jnp.bfloat16))
+    y, vjp = jax.vjp(lambda v: cpu_kernels.gelu(v, approximate), x.astype(jnp.bfloat16))
     assert y.dtype == vjp(jnp.ones_like(y))[0].dtype == jnp.bfloat16
 
 
@@ -125,6 +126,47 @@ def test_fused_and_explicit_attention_agree():
   fused = model.apply(variables, x, train=False)
   explicit, _ = model.apply(variables, x, train=False, return_intermediates=True)
   np.testing.assert_allclose(np.asarray(fused), np.asarray(explicit), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"class_token": False, "pool": "gap", "representation_size": 8},
+    {"head_hidden_dims": (16,), "mlp_activate_output": True, "gelu_approximate": False,
+     "head_dim": 12, "class_token": False, "pool": "flatten"}])
+def test_cpu_and_xla_kernels_give_the_same_logits_and_gradients(fields):
+  # One parameter tree, two implementations of the layers (models/vit.py's `kernels`).
+  cpu = _tiny(zero_head_init=False, kernels="cpu", **fields)
+  xla = _tiny(zero_head_init=False, kernels="xla", **fields)
+  variables, x = _init(cpu)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+      xla.init(jax.random.key(0), x, train=False))
+  labels = jax.nn.one_hot(jnp.arange(x.shape[0]) % 7, 7)
+
+  def loss(model, params):
+    logits = model.apply({"params": params}, x, train=False)
+    return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1)), logits
+
+  (loss_cpu, logits_cpu), grads_cpu = jax.value_and_grad(
+      lambda p: loss(cpu, p), has_aux=True)(variables["params"])
+  (loss_xla, logits_xla), grads_xla = jax.value_and_grad(
+      lambda p: loss(xla, p), has_aux=True)(variables["params"])
+  assert float(jnp.abs(logits_cpu).max()) > 0.1  # A real signal, not zeros.
+  np.testing.assert_allclose(np.asarray(logits_cpu), np.asarray(logits_xla), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(float(loss_cpu), float(loss_xla), rtol=1e-6)
+  flat_xla = dict(jax.tree_util.tree_leaves_with_path(grads_xla))
+  # Relative to the largest gradient: some are zero up to rounding (the key bias, which
+  # shifts a whole softmax row), and their rounding noise differs between the paths.
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_cpu))
+  for path, g_cpu in jax.tree_util.tree_leaves_with_path(grads_cpu):
+    np.testing.assert_allclose(np.asarray(g_cpu), np.asarray(flat_xla[path]), rtol=1e-4,
+                               atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_kernels_auto_is_cpu_on_cpu_and_unknown_values_are_refused():
+  assert models.uses_cpu_kernels("auto") == (jax.default_backend() == "cpu")
+  assert models.uses_cpu_kernels("cpu") and not models.uses_cpu_kernels("xla")
+  with pytest.raises(ValueError, match=r"kernels='gpu': use one of \('auto', 'cpu', 'xla'\)"):
+    models.uses_cpu_kernels("gpu")
 
 
 def test_scan_layers_matches_unrolled_blocks():
@@ -198,7 +240,7 @@ def _reference_attention(q, k, v, key, rate):
   """softmax(q k^T) [dropout] v, differentiated by autodiff."""
   p = jax.nn.softmax(jnp.einsum("bhlk,bhtk->bhlt", q, k), axis=-1)
   if key is not None:
-    p = jnp.where(models.dropout_keep_mask(key, p.shape, rate), p / (1 - rate), 0.0)
+    p = jnp.where(cpu_kernels.dropout_keep_mask(key, p.shape, rate), p / (1 - rate), 0.0)
   return jnp.einsum("bhlt,bhtk->bhlk", p, v)
 
 
@@ -227,7 +269,7 @@ def test_attention_backward_pass_equals_autodiff(rate):
     q, k, v = jnp.transpose(qkv_BxLx3xHxK, (2, 0, 3, 1, 4))
     return jnp.transpose(_reference_attention(q, k, v, key, rate), (0, 2, 1, 3))
 
-  _assert_same_gradients(lambda qkv: models._fused_attention(qkv, key, rate), reference,
+  _assert_same_gradients(lambda qkv: cpu_kernels.fused_attention(qkv, key, rate), reference,
                          (qkv_BxLx3xHxK,))
 
 
@@ -235,24 +277,24 @@ def test_dense_gelu_and_layer_norm_backward_passes_equal_autodiff():
   x = jax.random.normal(jax.random.key(1), (2, 5, 6))
   w = jax.random.normal(jax.random.key(2), (6, 3, 4))
   dims = (((2,), (0,)), ((), ()))
-  _assert_same_gradients(lambda x, w: models.dense_dot_general(x, w, dims),
+  _assert_same_gradients(lambda x, w: cpu_kernels.dense_dot_general(x, w, dims),
                          lambda x, w: jax.lax.dot_general(x, w, dims), (x, w))
   x2d, w2d, b = x.reshape(10, 6), w.reshape(6, 12), jax.random.normal(jax.random.key(4), (12,))
-  _assert_same_gradients(models._affine, lambda x, w, b: x @ w + b, (x2d, w2d, b))
+  _assert_same_gradients(cpu_kernels.affine, lambda x, w, b: x @ w + b, (x2d, w2d, b))
   for approximate in (True, False):
-    _assert_same_gradients(lambda x: models._gelu(x, approximate),
+    _assert_same_gradients(lambda x: cpu_kernels.gelu(x, approximate),
                            lambda x: jax.nn.gelu(x, approximate=approximate), (3 * x,))
   scale, bias = jax.random.normal(jax.random.key(3), (2, 6))
-  _assert_same_gradients(lambda *a: models._layer_norm(*a, 1e-6),
+  _assert_same_gradients(lambda *a: cpu_kernels._layer_norm(*a, 1e-6),
                          lambda *a: _reference_layer_norm(*a, 1e-6), (3 * x + 1, scale, bias))
 
 
 def test_dropout_mask_keeps_the_right_fraction_and_depends_only_on_key_and_shape():
   shape = (64, 128, 128)  # 1M elements: the kept fraction is within 0.1% of 1 - rate.
-  a = models.dropout_keep_mask(jax.random.key(0), shape, 0.3)
+  a = cpu_kernels.dropout_keep_mask(jax.random.key(0), shape, 0.3)
   assert a.shape == shape and a.dtype == jnp.bool_
   assert abs(float(a.mean()) - 0.7) < 1e-3
-  np.testing.assert_array_equal(a, models.dropout_keep_mask(jax.random.key(0), shape, 0.3))
-  b = models.dropout_keep_mask(jax.random.key(1), shape, 0.3)
+  np.testing.assert_array_equal(a, cpu_kernels.dropout_keep_mask(jax.random.key(0), shape, 0.3))
+  b = cpu_kernels.dropout_keep_mask(jax.random.key(1), shape, 0.3)
   assert abs(float((a == b).mean()) - (0.7**2 + 0.3**2)) < 2e-3  # Independent of a.
-  assert float(models.dropout_keep_mask(jax.random.key(0), shape, 0.0).mean()) == 1.0
+  assert float(cpu_kernels.dropout_keep_mask(jax.random.key(0), shape, 0.0).mean()) == 1.0

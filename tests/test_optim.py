@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs.common import get_base_config
-from vit_jax import optim
+from vit_jax.config import get_base_config
+from vit_jax.train import optim
 
 D, H, HD, MLP, K = 4, 2, 2, 8, 3
 
@@ -115,20 +115,21 @@ def test_schedule_rejects_unresolved_total_steps():
     (256, 1953, 19531), (1024, 488, 4883), (128, 3906, 39062)])
 def test_cifar100_warmup_is_ten_epochs_at_any_batch_size(batch_size, warmup_steps,
                                                          total_steps):
-  from configs import cifar100, common  # pylint: disable=g-import-not-at-top
+  from vit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import cifar100  # pylint: disable=g-import-not-at-top
   config = cifar100.get_config()
   config.batch_size = batch_size  # As --config.batch_size=N does, after get_config.
-  common.resolve_steps(config, 50_000)
+  config_lib.resolve_steps(config, 50_000)
   assert (config.optim.warmup_steps, config.total_steps) == (warmup_steps, total_steps)
   # An explicit step count is kept.
   config = cifar100.get_config()
   config.total_steps, config.optim.warmup_epochs, config.optim.warmup_steps = 500, 0.0, 50
-  common.resolve_steps(config, 50_000)
+  config_lib.resolve_steps(config, 50_000)
   assert (config.optim.warmup_steps, config.total_steps) == (50, 500)
 
 
 def test_a_skipped_step_keeps_the_moments_and_advances_the_schedule():
-  from vit_jax import steps  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import steps  # pylint: disable=g-import-not-at-top
   config = make_config(lr=1.0, warmup_steps=4, schedule="linear")
   config.total_steps = 8
   params = {"w": jnp.ones((3,))}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
-from vit_jax import data, predict
+from vit_jax import config as config_lib, data, errors
+from vit_jax.tools import predict
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"black": (0, 0, 0), "white": (255, 255, 255), "red": (220, 30, 30),
@@ -35,7 +35,7 @@ def write_colour_folders(root: Path, per_class: dict[str, int]) -> None:
 
 
 def colour_config(data_dir: Path):
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   config.dataset, config.data_dir = "folder", str(data_dir)
   config.image_size = IMAGE_SIZE
   config.model.overrides.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
@@ -139,7 +139,7 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(colour_run, tmp_pa
 
 def test_command_fails_only_when_no_image_can_be_read(colour_run, tmp_path):
   workdir, _ = colour_run
-  with pytest.raises(predict.NoReadableImageError):
+  with pytest.raises(errors.NoReadableImageError):
     predict.predict_files(workdir, [str(tmp_path / "missing.png")])
   missing = str(tmp_path / "also_missing.png")
   out = subprocess.run([sys.executable, str(REPO / "main.py"), "--mode=predict",

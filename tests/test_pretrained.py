@@ -8,8 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common, finetune
-from vit_jax import checkpoints, config_check, models, pretrained, state as state_lib
+from vit_jax import config as config_lib, errors, models
+from vit_jax.configs import finetune
+from vit_jax.models import convert
+from vit_jax.tools import export
+from vit_jax.train import checkpoints, pretrained, state as state_lib
 
 TINY = dict(depth=2, width=32, num_heads=2, mlp_dim=64)
 POSEMB = "Transformer/posembed_input/pos_embedding"
@@ -35,7 +38,7 @@ def _images(size=16):
 
 
 def _config(path, **fields):
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   config.init_from = str(path)
   for key, value in fields.items():
     config[key] = value
@@ -45,7 +48,7 @@ def _config(path, **fields):
 def _published(params, tmp_path, name="params.npz"):
   """params as the flat dict of a layout-(a) file (export_npz, read back)."""
   path = tmp_path / name
-  pretrained.export_npz(params, str(path))
+  export.export_npz(params, str(path))
   with np.load(path) as npz:
     return {k: npz[k] for k in npz.files}
 
@@ -65,7 +68,7 @@ def source():
 def test_export_round_trip_gives_identical_logits(tmp_path, source):
   model, params = source
   path = tmp_path / "vit.npz"
-  assert pretrained.export_npz(params, str(path)) == 40
+  assert export.export_npz(params, str(path)) == 40
   assert not [n for n in os.listdir(tmp_path) if n != "vit.npz"]  # No temporary left.
   with np.load(path) as npz:
     assert npz[f"{POSEMB}"].shape == (1, 17, 32)
@@ -129,7 +132,7 @@ def test_every_layout_loads(tmp_path, source, layout, scan):
 def test_scanned_model_loads_to_the_same_function(tmp_path, source):
   model, params = source
   path = tmp_path / "a.npz"
-  pretrained.export_npz(params, str(path))
+  export.export_npz(params, str(path))
   scanned = _model(scan_layers=True)
   loaded, _ = pretrained.load_params(_config(path), _init(scanned))
   assert loaded["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape == (2, 32)
@@ -172,7 +175,7 @@ def test_resolution_change_resamples_the_grid_and_keeps_the_slot(tmp_path, sourc
 @pytest.mark.parametrize("old_hw,new_hw", [((3, 5), (6, 4)), ((6, 4), (2, 3))])
 def test_resampling_non_square_grids_is_exact_for_linear_fields(old_hw, new_hw):
   coef_i, coef_j, offset = np.float32([1.5, -2.0]), np.float32([0.5, 3.0]), np.float32([1, 2])
-  out = pretrained.resample_posemb_grid(_linear_field(*old_hw, coef_i, coef_j, offset), new_hw)
+  out = convert.resample_posemb_grid(_linear_field(*old_hw, coef_i, coef_j, offset), new_hw)
   step_i = (old_hw[0] - 1) / (new_hw[0] - 1)
   step_j = (old_hw[1] - 1) / (new_hw[1] - 1)
   np.testing.assert_allclose(out, _linear_field(*new_hw, coef_i * step_i, coef_j * step_j,
@@ -205,16 +208,16 @@ def test_new_zero_head(tmp_path, source, num_classes, init_head):
 
 def test_keeping_a_head_of_another_class_count_is_an_error(tmp_path, source):
   path = tmp_path / "5cls.npz"
-  pretrained.export_npz(source[1], str(path))
-  with pytest.raises(pretrained.CheckpointMismatchError,
+  export.export_npz(source[1], str(path))
+  with pytest.raises(errors.CheckpointMismatchError,
                      match=r"init_head='keep'.*\(32, 5\).*\(32, 7\)"):
     pretrained.load_params(_config(path, init_head="keep"), _init(_model(7)))
 
 
 def test_width_mismatch_names_the_parameter_and_both_shapes(tmp_path, source):
   path = tmp_path / "w32.npz"
-  pretrained.export_npz(source[1], str(path))
-  with pytest.raises(pretrained.CheckpointMismatchError) as error:
+  export.export_npz(source[1], str(path))
+  with pytest.raises(errors.CheckpointMismatchError) as error:
     pretrained.load_params(_config(path), _init(_model(width=48)))
   assert "embedding/kernel: file (4, 4, 3, 32) vs model (4, 4, 3, 48)" in str(error.value)
   assert f"{POSEMB}: file (1, 17, 32) vs model (1, 17, 48)" in str(error.value)
@@ -239,7 +242,7 @@ def test_missing_and_unexpected_parameters_are_reported(tmp_path, source):
 
   del arrays["Transformer/encoderblock_1/LayerNorm_2/scale"]
   path = _save_npz(arrays, tmp_path / "broken.npz")
-  with pytest.raises(pretrained.CheckpointMismatchError,
+  with pytest.raises(errors.CheckpointMismatchError,
                      match=r"missing from the file: Transformer/encoderblock_1/LayerNorm_2/"
                            r"scale \(32,\)[\s\S]*File keys not used: extra/w"):
     pretrained.load_params(_config(path), _init(_model()))
@@ -251,7 +254,7 @@ def test_pre_logits_keep_and_drop(tmp_path, source):
   arrays["pre_logits/bias"] = np.full(24, 0.25, np.float32)
   arrays["head/kernel"] = np.ones((24, 5), np.float32)
   path = _save_npz(arrays, tmp_path / "pre_logits.npz")
-  with pytest.raises(pretrained.CheckpointMismatchError, match="representation_size=24"):
+  with pytest.raises(errors.CheckpointMismatchError, match="representation_size=24"):
     pretrained.load_params(_config(path, init_pre_logits="keep"), _init(_model()))
   with_pre_logits = _init(_model(representation_size=24))
   kept, _ = pretrained.load_params(_config(path, init_pre_logits="keep"), with_pre_logits)
@@ -283,7 +286,7 @@ def test_loading_and_exporting_our_workdirs(tmp_path, source):
 
   # Only a latest checkpoint: the workdir falls back to it.
   out = tmp_path / "latest.npz"
-  assert pretrained.export_workdir(str(workdir), str(out), "best").endswith("checkpoints/10")
+  assert export.export_workdir(str(workdir), str(out), "best").endswith("checkpoints/10")
   assert _published(latest, tmp_path).keys() == set(np.load(out).files)
   _save_run(workdir, 5, best, best=True)
   for path, expected in [(workdir, best), (workdir / "checkpoints" / "10", latest),
@@ -292,17 +295,17 @@ def test_loading_and_exporting_our_workdirs(tmp_path, source):
     assert len(report.loaded) == 40 and not report.unexpected, path
     for key, value in _flat(expected).items():
       np.testing.assert_array_equal(_flat(loaded)[key], value, err_msg=f"{path}: {key}")
-  assert pretrained.export_workdir(str(workdir), str(out)).endswith("best/5")
-  with pytest.raises(pretrained.MissingCheckpointError, match="holds no checkpoint"):
+  assert export.export_workdir(str(workdir), str(out)).endswith("best/5")
+  with pytest.raises(errors.MissingCheckpointError, match="holds no checkpoint"):
     pretrained.load_params(_config(tmp_path), target)
   (tmp_path / "notes.txt").write_text("not an archive")
-  with pytest.raises(pretrained.NotACheckpointError, match="not a NumPy .npz file"):
+  with pytest.raises(errors.NotACheckpointError, match="not a NumPy .npz file"):
     pretrained.load_params(_config(tmp_path / "notes.txt"), target)
 
 
 def test_finetune_config_arguments():
   config = finetune.get_config("dataset=cifar100,model=ViT-B/16,init=/ckpt/B_16.npz")
-  config_check.validate(config)
+  config_lib.validate(config)
   assert (config.init_from, config.image_size, config.batch_size) == ("/ckpt/B_16.npz", 384, 512)
   assert (config.optim.name, config.optim.lr, config.optim.momentum) == ("sgd", 0.03, 0.9)
   assert (config.total_steps, config.optim.warmup_steps, config.optim.weight_decay) == \

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import steps
+from vit_jax.train import steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,12 +53,12 @@ def metric_rows(workdir) -> list[dict]:
 
 
 def latest_state(workdir):
-  from vit_jax import evaluate
-  return evaluate.load_trained(str(workdir), "latest")
+  from vit_jax.train import workdir as workdir_lib
+  return workdir_lib.load_trained(str(workdir), "latest")
 
 
 def test_training_learns_fashion_mnist(fashion_mnist_dirs, tmp_path):
-  from configs import fashion_mnist
+  from vit_jax.configs import fashion_mnist
   from vit_jax import train
   config = fashion_mnist.get_config()
   config.manual_dir, config.data_dir = fashion_mnist_dirs

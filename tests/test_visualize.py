@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
-from vit_jax import evaluate, run_files, state as state_lib, visualize
+from vit_jax import config as config_lib
+from vit_jax.tools import visualize
+from vit_jax.train import report, state as state_lib, workdir as workdir_lib
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -24,7 +25,7 @@ def png_size(path: str) -> tuple[int, int]:
 
 
 def inches_to_pixels(width: float, height: float) -> tuple[int, int]:
-  return round(width * visualize.DPI), round(height * visualize.DPI)
+  return round(width * report.DPI), round(height * report.DPI)
 
 
 # --- Attention maths -------------------------------------------------------------------
@@ -140,9 +141,9 @@ def green_pixels(path: str) -> int:
 @pytest.mark.parametrize("with_val", [False, True])
 def test_training_curves(tmp_path, with_val):
   write_metrics(tmp_path, with_val)
-  path = visualize.plot_training_curves(str(tmp_path))
+  path = report.plot_training_curves(str(tmp_path))
   assert path == str(tmp_path / "pictures" / "training_curves.png")
-  width, height = visualize.CURVE_PANEL_INCHES
+  width, height = report.CURVE_PANEL_INCHES
   assert png_size(path) == inches_to_pixels(3 * width, height)
   assert os.listdir(tmp_path / "pictures") == ["training_curves.png"]
   assert (green_pixels(path) > 100) == with_val
@@ -150,7 +151,7 @@ def test_training_curves(tmp_path, with_val):
 
 def test_training_curves_need_metrics(tmp_path):
   with pytest.raises(FileNotFoundError, match="metrics"):
-    visualize.plot_training_curves(str(tmp_path))
+    report.plot_training_curves(str(tmp_path))
 
 
 # --- A workdir's pictures ------------------------------------------------------------
@@ -172,26 +173,26 @@ def random_run(tmp_path_factory):
       for i in range(2):
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
             root / "data" / split / name / f"{i}.png")
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   config.dataset, config.data_dir, config.image_size = "folder", str(root / "data"), 16
   config.model.overrides.update(dict(width=16, depth=2, num_heads=2, mlp_dim=32,
                                      class_token=False, pool="gap"))
   workdir = root / "workdir"
   workdir.mkdir()
   mean_C, std_C = np.full(3, 127.0), np.full(3, 70.0)
-  run_files.write_run_files(str(workdir), config, class_names=["cat", "dog"],
+  workdir_lib.write_run_files(str(workdir), config, class_names=["cat", "dog"],
                             image_shape=(16, 16, 3), mean_C=mean_C, std_C=std_C)
   model = state_lib.build_model(config, 2)
   shapes = jax.eval_shape(lambda: state_lib.init_params(model, 0, (16, 16, 3)))
   params = jax.tree_util.tree_map(
       lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), shapes)
-  return workdir, evaluate.Trained(config, model, params, 7, ["cat", "dog"], mean_C, std_C)
+  return workdir, workdir_lib.Trained(config, model, params, 7, ["cat", "dog"], mean_C, std_C)
 
 
 @pytest.fixture
 def random_workdir(random_run, monkeypatch):
   workdir, trained = random_run
-  monkeypatch.setattr(evaluate, "load_trained", lambda w, which: trained)
+  monkeypatch.setattr(workdir_lib, "load_trained", lambda w, which: trained)
   return workdir
 
 
@@ -223,9 +224,9 @@ def test_make_pictures_of_files(random_workdir, tmp_path, capsys):
 
 
 def test_model_view_is_the_image_at_model_size():
-  config = common.get_base_config()
+  config = config_lib.get_base_config()
   config.image_size = 8
-  trained = evaluate.Trained(config, None, None, 0, [], np.zeros(3), np.ones(3))
+  trained = workdir_lib.Trained(config, None, None, 0, [], np.zeros(3), np.ones(3))
   images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
   np.testing.assert_array_equal(visualize.model_view(trained, images), images)
   assert visualize.model_view(trained, np.zeros((1, 20, 20, 1), np.uint8)).shape == (1, 8, 8, 1)

@@ -1,12 +1,11 @@
 """Keep freed host memory in the process, so CPU train steps stop page-faulting.
 
-XLA's CPU backend mallocs each step's temporaries (about 1 GB per 64 images for ViT-Ti/4)
-on a worker thread. glibc serves a block that large from a fresh mmap and unmaps it on
-free, so every step faults in every page again: on a 2-core machine a ViT-Ti/4 step at
-batch 256 took about a million page faults and 2 s of kernel time (of about 5 s). With a
-single arena that takes large blocks from the heap and never trims it, the next step
-reuses the same pages: no faults, no kernel time, 15% faster steps. The cost: the
-process keeps its peak heap until it exits, which a training run does anyway.
+XLA's CPU backend mallocs each step's large temporaries on a worker thread. glibc serves
+a block that large from a fresh mmap and unmaps it on free, so every step faults in every
+page again and spends its time in the kernel. With a single arena that takes large blocks
+from the heap and never trims it, the next step reuses the same pages: no faults. The
+cost: the process keeps its peak heap until it exits, which a training run does anyway.
+docs/performance.md has the measurements.
 """
 from __future__ import annotations
 

@@ -1,15 +1,16 @@
 """Device mesh, shardings and multi-host start-up.
 
 One mesh axis, "data": batches are split along it; parameters are replicated over it,
-or split along it too when FSDP is on (see `param_shardings`).
+or split along it too when FSDP is on (see `tree_shardings`).
 """
 from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vit_jax import config_check
+from vit_jax import errors
 
 DATA_AXIS = "data"
 
@@ -46,7 +47,7 @@ def check_batch_divides(batch_size: int, what: str = "config.batch_size") -> Non
   n_dev, n_proc = jax.device_count(), jax.process_count()
   if batch_size % n_dev:
     lower, upper = batch_size // n_dev * n_dev, (batch_size // n_dev + 1) * n_dev
-    raise config_check.ConfigError(
+    raise errors.ConfigError(
         f"{what}={batch_size} does not divide evenly over {n_dev} devices "
         f"({n_proc} process(es) x {jax.local_device_count()} local): use a multiple of "
         f"{n_dev}, e.g. {lower or upper} or {upper}.")
@@ -68,3 +69,15 @@ def tree_shardings(abstract_tree, mesh: Mesh, fsdp: bool):
   """Shardings for parameters and optimiser state (replicated, or FSDP-split)."""
   return jax.tree_util.tree_map(lambda x: _leaf_sharding(tuple(x.shape), mesh, fsdp),
                                 abstract_tree)
+
+
+def to_host(x) -> np.ndarray:
+  """A whole array on this host, also one sharded over several hosts."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def sync(name: str) -> None:
+  """Waits until every process of the run gets here (a no-op for one process)."""
+  multihost_utils.sync_global_devices(name)

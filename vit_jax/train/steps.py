@@ -17,19 +17,20 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from vit_jax import augment, metrics, models, optim, parallel
-from vit_jax.state import TrainState
+from vit_jax import models, parallel
+from vit_jax.data import augment
+from vit_jax.train import metrics, optim
+from vit_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 
-# XLA options of the CPU steps, each measured on the ViT-Ti/4 train step of this 2-core
-# machine and kept only where jaxlib knows it:
-# - the scheduler that orders independent ops to run side by side: the thunk executor
-#   then keeps both cores busy (the step used 182% of 2 cores; 3-12% faster in A/B runs);
-# - YNNPACK only for fusions around reductions (LayerNorm, softmax), standalone matmuls in
-#   Eigen: YNNPACK runs matmuls with 576 or 768 output columns at 75-110 GFLOP/s where
-#   Eigen reaches 130-210, as ViT-Ti's qkv and MLP matmuls are (9.5% faster steps
-#   in-process A/B; the Keras origin model, all narrow matmuls, unchanged).
+# XLA options of the CPU steps (docs/performance.md has the A/B measurements), each used
+# only where this jaxlib knows it:
+# - a scheduler that orders independent ops to run side by side, so that the thunk
+#   executor keeps every core busy;
+# - YNNPACK only for fusions around reductions (LayerNorm, softmax) and standalone
+#   matmuls in Eigen, which runs the wide (576 to 768 output columns) matmuls of the
+#   ViT blocks faster.
 _CPU_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
                 "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
@@ -74,8 +75,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.VisionTrans
       return metrics.cross_entropy(logits_BxK, micro["targets"]).mean(), {}
 
     (loss, _), grads = optim.accumulate_gradients(
-        jax.value_and_grad(loss_fn, has_aux=True), state.params, {"images": images_BxSxSxC, "targets": targets_BxK},
-        config.optim.accum_steps)
+        jax.value_and_grad(loss_fn, has_aux=True), state.params,
+        {"images": images_BxSxSxC, "targets": targets_BxK}, config.optim.accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)

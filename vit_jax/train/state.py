@@ -24,9 +24,10 @@ class TrainState:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VisionTransformer:
+  """The model `config` names, with its overrides and the run-wide model settings."""
   return models.create_model(
       config.model.name, num_classes=num_classes, dtype=config.compute_dtype,
-      scan_layers=config.scan_layers, remat=config.remat,
+      scan_layers=config.scan_layers, remat=config.remat, kernels=config.kernels,
       **{k: v for k, v in config.model.overrides.to_dict().items() if v is not None})
 
 

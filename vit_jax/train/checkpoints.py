@@ -37,15 +37,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vit_jax import errors
-
-
-class UnreadableCheckpointError(errors.UserError, RuntimeError):
-  pass
-
-
-class StateMismatchError(errors.UserError, ValueError):
-  """An intact checkpoint holds another train state than the one asked for: the config
-  changed a setting the state's structure depends on. Not damage: no fallback."""
+from vit_jax.models import convert
 
 
 @dataclasses.dataclass
@@ -275,7 +267,7 @@ class CheckpointStore:
       meta = {k: v for k, v in dict(out["meta"]).items() if k != "checksums"}
       return Restored(step, out["state"], dict(out["data"]), meta)
     if steps:
-      raise UnreadableCheckpointError(
+      raise errors.UnreadableCheckpointError(
           f"No readable checkpoint in {manager.directory} (tried steps "
           f"{', '.join(map(str, steps))}; the reasons are printed above). Restore the "
           "folder from a backup, or move it away (or pass --start_over, which deletes "
@@ -300,7 +292,7 @@ class CheckpointStore:
     differences = state_differences(stored, abstract_state)
     if differences:
       shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
-      raise StateMismatchError(
+      raise errors.StateMismatchError(
           f"Checkpoint {path} is intact but holds another train state than this config "
           f"builds ({len(differences)} difference(s): {shown}): a setting it depends on "
           "changed (optimiser, clipping, layer-wise lr, frozen backbone, model overrides, "
@@ -316,3 +308,60 @@ def abstract_with_shardings(tree, shardings):
   """ShapeDtypeStructs that tell orbax where each restored array goes."""
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# --- A checkpoint's parameters alone (fine-tuning, export) ------------------------------
+
+
+def _steps(folder: str) -> list[int]:
+  """Completed step folders; orbax's unfinished temporaries carry a non-numeric suffix."""
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def checkpoint_dir(path: str, which: str = "best") -> str:
+  """The step folder `path` names: itself, the newest in a folder of steps, or a workdir's
+  newest best/latest checkpoint.
+
+  `which="best"` falls back to the latest checkpoint when the run has no best one.
+  """
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}: use 'best' or 'latest'.")
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  if _steps(path):  # WORKDIR/checkpoints or WORKDIR/best itself.
+    return os.path.join(path, str(_steps(path)[-1]))
+  for kind in ((which, "latest") if which == "best" else (which,)):
+    folder = os.path.join(path, "best" if kind == "best" else "checkpoints")
+    steps = _steps(folder)
+    if steps:
+      if kind != which:
+        print(f"No best checkpoint in {path}: using the latest one.", flush=True)
+      return os.path.join(folder, str(steps[-1]))
+  raise errors.MissingCheckpointError(
+      f"{path} holds no checkpoint: expected a workdir with best/<step> or "
+      "checkpoints/<step>, a step folder with state/, or a published-format .npz file.")
+
+
+def read_checkpoint_params(step_dir: str) -> dict[str, np.ndarray]:
+  """The params of one of our checkpoints as host arrays, flat, without its optimiser state.
+
+  A partial restore of the `params` subtree: the optimiser's structure (which depends on
+  the config that trained it) is never needed.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    path = epath.Path(step_dir) / "state"
+    tree = handler.metadata(path).tree
+    if "params" not in tree:
+      raise errors.NotACheckpointError(
+          f"{path} has no 'params' entry (found {sorted(tree)}): not a vit_jax training "
+          "checkpoint.")
+    item = {"params": tree["params"]}
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = handler.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=as_numpy, partial_restore=True))
+  finally:
+    handler.close()
+  return convert.flatten(restored["params"])

@@ -33,19 +33,17 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from vit_jax import augment, data, evaluate, predict, report, run_files
+from vit_jax import data, errors
+from vit_jax.data import augment
+from vit_jax.tools import predict
+from vit_jax.train import report, workdir as workdir_lib
 
-DPI = 100
 PANEL_INCHES = 2.5  # Side of one image panel.
-CURVE_PANEL_INCHES = (5.0, 4.0)  # Width, height of one training-curve panel.
 MAX_COLUMNS = 6  # Attention figures wrap their head panels onto further rows.
 NUM_DATASET_IMAGES = 4  # Eval-split examples drawn when no images are given.
-_CURVES = (("loss", "loss"), ("top1", "top-1 accuracy"), ("top5", "top-5 accuracy"))
-_SPLIT_COLORS = {"train": "C0", "eval": "C1", "val": "C2"}  # The same in every panel.
 # Images are few and attention weights are layers x heads x tokens^2 each: small batches.
 _ATTENTION_BATCH = 8
 
@@ -105,55 +103,12 @@ def upsample(map_GhxGw: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 # --- Figures ------------------------------------------------------------------------
 
 
-def _save(fig: Figure, path: str) -> str:
-  """Writes a PNG atomically: a reader sees the old file or the new one, never half."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  FigureCanvasAgg(fig)  # Renders with Agg whatever backend the process has chosen.
-  fig.savefig(tmp, format="png", dpi=DPI)
-  os.replace(tmp, path)
-  return path
-
-
 def _show(ax, image_HxWxC: np.ndarray) -> None:
   if image_HxWxC.shape[-1] == 1:
     ax.imshow(image_HxWxC[..., 0], cmap="gray", vmin=0, vmax=255)
   else:
     ax.imshow(image_HxWxC)
   ax.set_axis_off()
-
-
-def _series(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
-  """Steps and values of `key`, skipping rows without it and non-finite values."""
-  points = [(row["step"], float(row[key])) for row in rows if key in row]
-  points = [(step, value) for step, value in points if math.isfinite(value)]
-  return [s for s, _ in points], [v for _, v in points]
-
-
-def plot_training_curves(workdir: str) -> str:
-  """Loss, top-1 and top-5 against steps for train, eval and val, one panel each.
-
-  Draws what workdir/metrics.jsonl holds (train.py logs no train accuracy, so top-1/5
-  show eval and val) into workdir/pictures/training_curves.png.
-  """
-  rows = report.read_metrics(workdir)
-  if not rows:
-    raise run_files.NoRunError(f"No metrics in {workdir}/metrics.jsonl yet: train first.")
-  width, height = CURVE_PANEL_INCHES
-  fig = Figure(figsize=(width * len(_CURVES), height), layout="constrained")
-  for ax, (metric, label) in zip(fig.subplots(1, len(_CURVES)), _CURVES):
-    for split, color in _SPLIT_COLORS.items():
-      steps, values = _series(rows, f"{split}/{metric}")
-      if steps:
-        # Evaluations are sparse: markers show where they were taken (and a lone point).
-        marker = None if split == "train" and len(steps) > 1 else "o"
-        ax.plot(steps, values, label=split, color=color, marker=marker, markersize=3)
-    ax.set(title=f"{label} over steps", xlabel="step", ylabel=label)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-      ax.legend()
-  fig.suptitle(f"training curves: {os.path.basename(os.path.normpath(workdir))}")
-  return _save(fig, os.path.join(pictures_dir(workdir), "training_curves.png"))
 
 
 def patch_mosaic(image_HxWxC: np.ndarray, patch_size: int) -> np.ndarray:
@@ -181,7 +136,7 @@ def plot_patches(image_HxWxC: np.ndarray, patch_size: int, path: str) -> str:
   _show(patches_ax, patch_mosaic(image_HxWxC, patch_size))
   patches_ax.set_title(f"{(height // patch_size) * (width // patch_size)} patches of "
                        f"{patch_size}x{patch_size}")
-  return _save(fig, path)
+  return report.save_png(fig, path)
 
 
 def plot_attention(image_HxWxC: np.ndarray, rollout_GhxGw: np.ndarray,
@@ -203,31 +158,27 @@ def plot_attention(image_HxWxC: np.ndarray, rollout_GhxGw: np.ndarray,
   for ax in axes[len(panels):]:
     ax.set_axis_off()
   fig.suptitle(title)
-  return _save(fig, path)
+  return report.save_png(fig, path)
 
 
 # --- A workdir's pictures ------------------------------------------------------------
-
-
-def pictures_dir(workdir: str) -> str:
-  return os.path.join(workdir, "pictures")
 
 
 def _file_name(text: str) -> str:
   return re.sub(r"[^\w.-]+", "-", text).strip("-")
 
 
-def _inputs(trained: evaluate.Trained, workdir: str, images: Sequence[str]
+def _inputs(trained: workdir_lib.Trained, workdir: str, images: Sequence[str]
             ) -> tuple[list[str], np.ndarray, list[str | None]]:
   """(names, uint8 N x H x W x C at the stored shape, true labels where known)."""
   if images:
     paths = predict.expand_paths(images)
-    readable, images_NxHxWxC, errors = predict.read_images(
-        paths, run_files.load_run(workdir)["image_shape"])
-    for error in errors.values():
+    readable, images_NxHxWxC, failures = predict.read_images(
+        paths, workdir_lib.load_run(workdir)["image_shape"])
+    for error in failures.values():
       print(error, file=sys.stderr, flush=True)
     if not readable:
-      raise predict.NoReadableImageError(f"None of the {len(paths)} images could be read.")
+      raise errors.NoReadableImageError(f"None of the {len(paths)} images could be read.")
     names = [f"{i:02d}_{os.path.splitext(os.path.basename(p))[0]}"
              for i, p in enumerate(readable)]
     return names, images_NxHxWxC, [None] * len(readable)
@@ -241,7 +192,7 @@ def _inputs(trained: evaluate.Trained, workdir: str, images: Sequence[str]
   return names, examples["image"], labels
 
 
-def model_view(trained: evaluate.Trained, images_NxHxWxC: np.ndarray) -> np.ndarray:
+def model_view(trained: workdir_lib.Trained, images_NxHxWxC: np.ndarray) -> np.ndarray:
   """uint8 images as the model sees them: eval preprocessing (crop, resize) undone only
   for the normalisation, so the attention maps line up with the pixels shown."""
   aug = ml_collections.ConfigDict({**trained.config.aug.to_dict(),
@@ -265,13 +216,19 @@ def _add_to_tensorboard(workdir: str, paths: Sequence[str], step: int) -> None:
 def make_pictures(workdir: str, images: Sequence[str], which: str = "best") -> list[str]:
   """Training curves (when metrics exist), and patches and attention maps per image.
 
-  `images` are files or folders; empty draws a few eval-split examples of the run's
-  dataset. Returns the paths written (in workdir/pictures).
+  Args:
+    workdir: a training workdir; pictures go to workdir/pictures/ and TensorBoard.
+    images: image files or folders; empty draws a few eval-split examples of the run's
+      dataset.
+    which: "best" (else the latest) or "latest" checkpoint.
+
+  Returns:
+    The paths written.
   """
   written = []
   if report.read_metrics(workdir):
-    written.append(plot_training_curves(workdir))
-  trained = evaluate.load_trained(workdir, which)
+    written.append(report.plot_training_curves(workdir))
+  trained = workdir_lib.load_trained(workdir, which)
   names, images_NxHxWxC, true_labels = _inputs(trained, workdir, images)
   forward = predict.make_forward(trained, attention=True)
   probs_NxK, weights = predict.run_batched(forward, trained.params, images_NxHxWxC,
@@ -280,7 +237,7 @@ def make_pictures(workdir: str, images: Sequence[str], which: str = "best") -> l
   rollout_NxGxG = attention_rollout(weights, class_token)
   heads_NxHxGxG = last_layer_head_maps(weights, class_token)
   views_NxSxSxC = model_view(trained, images_NxHxWxC)
-  out_dir = pictures_dir(workdir)
+  out_dir = report.pictures_dir(workdir)
   image_pictures = []
   for i, name in enumerate(names):
     stem = _file_name(name)

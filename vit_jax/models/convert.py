@@ -1,57 +1,47 @@
-"""Fine-tuning initialisation from our runs and the published ViT `.npz` files; export.
+"""Published ViT parameter layouts -> our parameter tree, and back (for export).
 
-`config.init_from` names one of:
-  * a workdir of ours (with best/ or checkpoints/): its best checkpoint, else its latest;
-  * one of our checkpoint step folders (WORKDIR/checkpoints/<step> or WORKDIR/best/<step>),
-    or WORKDIR/checkpoints (WORKDIR/best) itself: its newest step;
-  * a `.npz` in the format of the published ViT checkpoints, in any of these layouts:
-      (a) vision_transformer: '/'-joined Flax paths, old child numbering (our names);
-      (b) the same under an `opt/target/` prefix;
-      (c) big_vision: a `params/` prefix, linen child numbering (`LayerNorm_0`,
-          `MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`), a top-level
-          `pos_embedding` without a class-token slot, and blocks possibly stacked under
-          `Transformer/encoderblock` with a leading depth axis (layer scan).
-Only parameters are read: the optimiser state, step, RNG and data position start fresh.
+A `.npz` of published ViT checkpoints comes in one of these layouts:
+  (a) vision_transformer: '/'-joined Flax paths, old child numbering (our names);
+  (b) the same under an `opt/target/` prefix;
+  (c) big_vision: a `params/` prefix, linen child numbering (`LayerNorm_0`,
+      `MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`), a top-level
+      `pos_embedding` without a class-token slot, and blocks possibly stacked under
+      `Transformer/encoderblock` with a leading depth axis (layer scan).
+Our own checkpoints, flattened, are layout (a) or (a) stacked.
 
 Every source is first brought to one canonical form, our unscanned names
 (`Transformer/encoderblock_{i}/...`), matched against the model's parameters in that form,
 then stacked again when the model uses `scan_layers=True`; reports use canonical names.
 
-Adapting to the new task:
-  * head: a new zero head (kernel and bias) when the shape differs or
-    `config.init_head == "reset"`; "keep" with another class count is an error;
-  * pre_logits: dropped unless `config.init_pre_logits == "keep"`;
+Adapting to the new task (`match`):
+  * head: a new zero head (kernel and bias) when the shape differs or `init_head ==
+    "reset"`; "keep" with another class count is an error;
+  * pre_logits: dropped unless `init_pre_logits == "keep"`;
   * position embedding: the patch grid is resampled bilinearly with corners aligned
     (`scipy.ndimage.zoom(order=1)`, the convention of both published loaders, so fine-tuned
     numbers stay comparable with theirs); the class-token slot is kept as it is, or keeps
     the model's fresh initialisation when the file has none (big_vision);
   * cls: kept fresh when the file has no class token.
 Missing parameters the model needs, and shapes that cannot be adapted (another width or
-depth layout), are errors that name the parameters and both shapes.
+depth layout), are `CheckpointMismatchError`s that name the parameters and both shapes.
 
-  params, report = pretrained.load_params(config, params)   # report.to_dict() for logs
-  params = pretrained.load_into(config, params)             # prints the report
-  pretrained.export_workdir("workdirs/run", "run.npz")       # layout (a), best checkpoint
+  new_params, report = convert.match(read_npz(path), params, init_head="auto",
+                                     init_pre_logits="drop", source="path.npz")
+  arrays = convert.published_arrays(params)   # layout (a), for np.savez
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import zipfile
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import scipy.ndimage
-from absl import logging
-from etils import epath
-from jax.experimental import multihost_utils
 
-from vit_jax import errors
+from vit_jax import errors, parallel
 
 PyTree = Any
 
@@ -68,21 +58,9 @@ _HEAD = ("head/kernel", "head/bias")
 _NAMES_SHOWN = 12  # Per report line; to_dict() carries every name.
 
 
-class NotACheckpointError(errors.UserError, ValueError):
-  """The file or folder given as a checkpoint (config.init_from, export) is not one."""
-
-
-class MissingCheckpointError(NotACheckpointError, FileNotFoundError):
-  """The path does not exist, or the folder holds no checkpoint."""
-
-
-class CheckpointMismatchError(errors.UserError, ValueError):
-  """The file cannot initialise the model: missing parameters or unresolvable shapes."""
-
-
 @dataclasses.dataclass
 class LoadReport:
-  """What `load_params` did, in canonical (unscanned) parameter names."""
+  """What `match` did, in canonical (unscanned) parameter names."""
   source: str  # The file or checkpoint folder read, and its layout.
   loaded: list[str] = dataclasses.field(default_factory=list)  # Values from the file.
   reinitialised: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> reason.
@@ -108,88 +86,29 @@ class LoadReport:
     return "\n".join(lines)
 
 
-# --- Reading the sources ---------------------------------------------------------------
+# --- Reading -------------------------------------------------------------------------------
 
 
-def _flatten(tree: PyTree) -> dict[str, Any]:
+def flatten(tree: PyTree) -> dict[str, Any]:
+  """{"Transformer/encoderblock_0/.../kernel": leaf, ...} of a parameter tree."""
   return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _steps(folder: str) -> list[int]:
-  """Completed step folders; orbax's unfinished temporaries carry a non-numeric suffix."""
-  if not os.path.isdir(folder):
-    return []
-  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
-
-
-def checkpoint_dir(path: str, which: str = "best") -> str:
-  """The step folder `path` names: itself, the newest in a folder of steps, or a workdir's
-  newest best/latest checkpoint.
-
-  `which="best"` falls back to the latest checkpoint when the run has no best one.
-  """
-  if which not in ("best", "latest"):
-    raise ValueError(f"which={which!r}: use 'best' or 'latest'.")
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  if _steps(path):  # WORKDIR/checkpoints or WORKDIR/best itself.
-    return os.path.join(path, str(_steps(path)[-1]))
-  for kind in ((which, "latest") if which == "best" else (which,)):
-    folder = os.path.join(path, "best" if kind == "best" else "checkpoints")
-    steps = _steps(folder)
-    if steps:
-      if kind != which:
-        print(f"No best checkpoint in {path}: using the latest one.", flush=True)
-      return os.path.join(folder, str(steps[-1]))
-  raise MissingCheckpointError(
-      f"{path} holds no checkpoint: expected a workdir with best/<step> or "
-      "checkpoints/<step>, a step folder with state/, or a published-format .npz file.")
-
-
-def _read_npz(path: str) -> dict[str, np.ndarray]:
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """The named arrays of a .npz file."""
   try:
     npz = np.load(path, allow_pickle=False)
   except (ValueError, OSError, zipfile.BadZipFile) as e:
-    raise NotACheckpointError(f"{path} is not a NumPy .npz file ({type(e).__name__}: {e}); "
-                     "config.init_from takes a published-format .npz, a workdir of ours "
-                     "or one of its checkpoint folders.") from e
+    raise errors.NotACheckpointError(
+        f"{path} is not a NumPy .npz file ({type(e).__name__}: {e}); "
+        "config.init_from takes a published-format .npz, a workdir of ours "
+        "or one of its checkpoint folders.") from e
   if not isinstance(npz, np.lib.npyio.NpzFile):
-    raise NotACheckpointError(f"{path} holds a single array, not a .npz of named parameters.")
+    raise errors.NotACheckpointError(
+        f"{path} holds a single array, not a .npz of named parameters.")
   with npz:
     return {key: npz[key] for key in npz.files}
-
-
-def read_checkpoint_params(step_dir: str) -> dict[str, np.ndarray]:
-  """The params of one of our checkpoints as host arrays, flat, without its optimiser state.
-
-  A partial restore of the `params` subtree: the optimiser's structure (which depends on
-  the config that trained it) is never needed.
-  """
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    path = epath.Path(step_dir) / "state"
-    tree = handler.metadata(path).tree
-    if "params" not in tree:
-      raise NotACheckpointError(f"{path} has no 'params' entry (found {sorted(tree)}): not a "
-                       "vit_jax training checkpoint.")
-    item = {"params": tree["params"]}
-    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = handler.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=as_numpy, partial_restore=True))
-  finally:
-    handler.close()
-  return _flatten(restored["params"])
-
-
-def _read(path: str) -> tuple[dict[str, np.ndarray], str]:
-  """Flat arrays of `path` (a .npz, a workdir or a step folder), and what was read."""
-  if os.path.isfile(path):
-    return _read_npz(path), f"{path} (.npz)"
-  if os.path.isdir(path):
-    step_dir = checkpoint_dir(path)
-    return read_checkpoint_params(step_dir), f"{step_dir} (our checkpoint)"
-  raise MissingCheckpointError(f"config.init_from={path!r} does not exist.")
 
 
 @dataclasses.dataclass
@@ -251,17 +170,10 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(int(d) for d in x.shape)
 
 
-def _to_host(x) -> np.ndarray:
-  """A whole array on this host, also one sharded over several hosts."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _square_side(num_tokens: int, what: str) -> int:
   side = math.isqrt(num_tokens)
   if side * side != num_tokens:
-    raise CheckpointMismatchError(
+    raise errors.CheckpointMismatchError(
         f"{POSEMB}: the {what} has {num_tokens} grid positions, not a square grid; the "
         "grid shape cannot be inferred (resample it with resample_posemb_grid first).")
   return side
@@ -283,9 +195,10 @@ def resample_posemb_grid(grid_HxWxD: np.ndarray, new_hw: tuple[int, int]) -> np.
 class _Matcher:
   """Fills the model's canonical parameters from the file's, recording every decision."""
 
-  def __init__(self, source: _Source, target: dict[str, Any],
-               config: ml_collections.ConfigDict, report: LoadReport):
-    self.src, self.target, self.config, self.report = source, target, config, report
+  def __init__(self, source: _Source, target: dict[str, Any], init_head: str,
+               init_pre_logits: str, report: LoadReport):
+    self.src, self.target, self.report = source, target, report
+    self.init_head, self.init_pre_logits = init_head, init_pre_logits
     self.used: set[str] = set()
     self.errors: list[str] = []
     self.values: dict[str, np.ndarray | None] = {}  # None: keep the model's fresh value.
@@ -320,10 +233,10 @@ class _Matcher:
     model_shape = _shape(self.target["head/kernel"])
     file_kernel = self.src.arrays.get("head/kernel")
     file_shape = None if file_kernel is None else _shape(file_kernel)
-    mode = self.config.init_head
+    mode = self.init_head
     if mode == "keep":
       if file_shape is not None and file_shape != model_shape:
-        raise CheckpointMismatchError(
+        raise errors.CheckpointMismatchError(
             f"config.init_head='keep' but the file's head/kernel is {file_shape} and the "
             f"model's {model_shape}: the class counts differ ({file_shape[-1]} vs "
             f"{model_shape[-1]}). Use init_head='auto' or 'reset' for a new head.")
@@ -349,11 +262,11 @@ class _Matcher:
 
   def pre_logits(self) -> None:
     names = [n for n in self.target if n.startswith("pre_logits/")]
-    if self.config.init_pre_logits == "keep":
+    if self.init_pre_logits == "keep":
       if not names:
         file_kernel = self.src.arrays.get("pre_logits/kernel")
         size = "N" if file_kernel is None else file_kernel.shape[-1]
-        raise CheckpointMismatchError(
+        raise errors.CheckpointMismatchError(
             "config.init_pre_logits='keep' needs a model with a pre_logits layer: set "
             f"config.model.overrides.representation_size={size}.")
       for name in names:
@@ -398,7 +311,7 @@ class _Matcher:
     if model_slot and file_slot:
       slot_1xSxD = file_1xNxD[:, :1]
     elif model_slot:
-      slot_1xSxD = _to_host(model_value)[:, :1]
+      slot_1xSxD = parallel.to_host(model_value)[:, :1]
       self.report.reinitialised[_SLOT] = ("the file's pos_embedding has no class-token "
                                           "slot: kept the model's fresh value")
     else:
@@ -434,18 +347,20 @@ def _place(value: np.ndarray | None, leaf):
   return value
 
 
-def load_params(config: ml_collections.ConfigDict, params: PyTree) -> tuple[PyTree, LoadReport]:
-  """`params` (a freshly initialised model) with values from `config.init_from`.
+def match(flat: dict[str, np.ndarray], params: PyTree, *, init_head: str = "auto",
+          init_pre_logits: str = "drop", source: str = "") -> tuple[PyTree, LoadReport]:
+  """`params` (a freshly initialised model) with the values of `flat` (a file's arrays).
 
-  Returns the new params (same tree, shardings and dtypes) and the report. Raises
-  CheckpointMismatchError for missing parameters or unresolvable shapes.
+  `init_head` ("auto", "reset", "keep") and `init_pre_logits` ("drop", "keep") as the
+  config keys of those names; `source` names the file in the report. Returns the new
+  params (same tree, shardings and dtypes) and the report. Raises CheckpointMismatchError
+  for missing parameters or unresolvable shapes.
   """
-  flat, what = _read(config.init_from)
-  source = _canonical(flat)
-  report = LoadReport(source=f"{what}, {source.layout}")
-  model_flat = _flatten(params)
+  canonical = _canonical(flat)
+  report = LoadReport(source=f"{source}, {canonical.layout}")
+  model_flat = flatten(params)
   target = _canonical_target(model_flat)
-  matcher = _Matcher(source, target, config, report)
+  matcher = _Matcher(canonical, target, init_head, init_pre_logits, report)
   matcher.head()
   matcher.pre_logits()
   matcher.cls()
@@ -453,15 +368,15 @@ def load_params(config: ml_collections.ConfigDict, params: PyTree) -> tuple[PyTr
   for name in target:
     if name not in matcher.values and name not in report.missing:
       matcher.load(name)
-  for name in source.arrays:
+  for name in canonical.arrays:
     if name not in matcher.used:
       report.unexpected[name] = "not in the model"
-  report.unexpected.update(source.outside)
+  report.unexpected.update(canonical.outside)
   if matcher.errors:
     unused = [n for n, why in report.unexpected.items() if why == "not in the model"]
     hint = (f"\nFile keys not used: {', '.join(unused[:_NAMES_SHOWN])}"
             f"{' ...' if len(unused) > _NAMES_SHOWN else ''}" if unused else "")
-    raise CheckpointMismatchError(
+    raise errors.CheckpointMismatchError(
         f"Cannot initialise the model from {report.source}:\n  "
         + "\n  ".join(matcher.errors) + hint)
   new_params = jax.tree_util.tree_map_with_path(
@@ -471,43 +386,11 @@ def load_params(config: ml_collections.ConfigDict, params: PyTree) -> tuple[PyTr
   return new_params, report
 
 
-def load_into(config: ml_collections.ConfigDict, params: PyTree) -> PyTree:
-  """`load_params`, with the report printed and logged."""
-  new_params, report = load_params(config, params)
-  text = report.format()
-  logging.info("%s", text)
-  if jax.process_index() == 0:
-    print(text, flush=True)
-  return new_params
-
-
-# --- Export -----------------------------------------------------------------------------
-
-
-def export_npz(params: PyTree, path: str) -> int:
-  """Writes params as a published-format .npz (layout (a)), atomically; returns the count.
+def published_arrays(params: PyTree) -> dict[str, np.ndarray]:
+  """params as the arrays of a published-format .npz (layout (a)) on this host.
 
   Keys are '/'-joined paths in our (old-numbering) names, scanned blocks unstacked into
-  encoderblock_{i}, so vision_transformer-style loaders read the file directly.
+  encoderblock_{i}, so vision_transformer-style loaders read them directly. Every process
+  must call it (gathering an array sharded over hosts is a collective).
   """
-  arrays = _unstack({k: _to_host(v) for k, v in _flatten(params).items()})
-  if jax.process_index() == 0:  # Every process gathers (a collective); one writes.
-    tmp = f"{path}.tmp"
-    # A file object, because np.savez appends ".npz" to names that lack it.
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  return len(arrays)
-
-
-def export_workdir(workdir: str, path: str, which: str = "best") -> str:
-  """Exports a workdir's best (else latest) or latest checkpoint; returns the step folder.
-
-  For `main.py --mode=export --workdir=DIR --output=PATH.npz [--checkpoint=latest]`.
-  """
-  step_dir = checkpoint_dir(workdir, which)
-  count = export_npz(read_checkpoint_params(step_dir), path)
-  print(f"Exported {count} arrays of {step_dir} to {path}.", flush=True)
-  return step_dir
+  return _unstack({k: parallel.to_host(v) for k, v in flatten(params).items()})

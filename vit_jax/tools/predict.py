@@ -2,10 +2,10 @@ r"""Top-5 predictions for image files, from nothing but a training workdir.
 
   python main.py --mode=predict --workdir=DIR --images=shoe.jpg,more_images/ [--format=json]
 
-Each file goes through the evaluation pipeline: decoded with PIL as data.py decodes folder
-images, converted to the channels the model was trained on (run.json `image_shape`: L for
-1, RGB for 3), resized on the host to the stored size, then `augment.eval_preprocess` and
-the model, in batches under one jitted program. Files that cannot be read are reported by
+Each file goes through the evaluation pipeline: decoded with PIL as image folders are
+(`vit_jax.data.decode`), converted to the channels the model was trained on (run.json
+`image_shape`: L for 1, RGB for 3), resized on the host to the stored size, then
+`augment.eval_preprocess` and the model, in batches under one jitted program. Files that cannot be read are reported by
 name and skipped; the command fails only when none could be read.
 
 Public API:
@@ -29,13 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import augment, data, errors, evaluate, run_files
+from vit_jax import errors
+from vit_jax.data import augment, decode
+from vit_jax.train import workdir as workdir_lib
 
 TOP_K = 5
-
-
-class NoReadableImageError(errors.UserError, ValueError):
-  pass
 
 
 def expand_paths(images: Sequence[str]) -> list[str]:
@@ -47,41 +45,41 @@ def expand_paths(images: Sequence[str]) -> list[str]:
   for path in images:
     if os.path.isdir(path):
       files.extend(os.path.join(path, name) for name in sorted(os.listdir(path))
-                   if name.lower().endswith(data.IMAGE_EXTENSIONS) and not name.startswith("."))
+                   if name.lower().endswith(decode.IMAGE_EXTENSIONS) and not name.startswith("."))
     else:
       files.append(path)
   return files
 
 
 def read_image(path: str, image_shape: Sequence[int]) -> np.ndarray:
-  """uint8 [H, W, C] of the stored `image_shape`, decoded and resized as data.py does.
+  """uint8 [H, W, C] of the stored `image_shape`, decoded and resized as image folders are.
 
   Raises ValueError (naming the file) when it is missing or not a readable image.
   """
   height, width, channels = image_shape
   if height != width:
-    raise ValueError(f"Stored image shape {list(image_shape)} is not square: data.py only "
+    raise ValueError(f"Stored image shape {list(image_shape)} is not square: vit_jax only "
                      "stores square images, so this workdir was not made by it.")
   # The folder source's decoder, so files are decoded and resized exactly as in training.
-  image = data.decode_file(path, height)
-  return data.to_channels(image, channels)
+  image = decode.decode_file(path, height)
+  return decode.to_channels(image, channels)
 
 
 def read_images(paths: Sequence[str], image_shape: Sequence[int]
                 ) -> tuple[list[str], np.ndarray, dict[str, str]]:
   """The readable paths, their images stacked (uint8 [N, H, W, C]), and {path: error}."""
-  readable, images, errors = [], [], {}
+  readable, decoded, failures = [], [], {}
   for path in paths:
     try:
-      images.append(read_image(path, image_shape))
+      decoded.append(read_image(path, image_shape))
       readable.append(path)
     except ValueError as e:
-      errors[path] = str(e)
-  stacked = np.stack(images) if images else np.zeros((0, *image_shape), np.uint8)
-  return readable, stacked, errors
+      failures[path] = str(e)
+  stacked = np.stack(decoded) if decoded else np.zeros((0, *image_shape), np.uint8)
+  return readable, stacked, failures
 
 
-def make_forward(trained: evaluate.Trained, attention: bool = False) -> Callable:
+def make_forward(trained: workdir_lib.Trained, attention: bool = False) -> Callable:
   """Jitted (params, uint8 B x H x W x C) -> softmax B x K [, attention weights per layer]."""
   config, model = trained.config, trained.model
   mean_C = jnp.asarray(trained.mean_C, jnp.float32)
@@ -135,33 +133,44 @@ def format_table(results: Sequence[dict]) -> str:
 
 
 def _probabilities(workdir: str, which: str, images_NxHxWxC: np.ndarray) -> np.ndarray:
-  trained = evaluate.load_trained(workdir, which)
+  trained = workdir_lib.load_trained(workdir, which)
   return run_batched(make_forward(trained), trained.params, images_NxHxWxC,
                      trained.config.eval_batch_size)
 
 
 def predict_files(workdir: str, images: Sequence[str], which: str = "best",
                   fmt: str = "table") -> list[dict]:
-  """Top-5 classes of each image file (folders expand to their images), printed in `fmt`.
+  """Top-5 classes of each image file, printed as a table or JSON lines.
 
-  Unreadable files get an error result (and a stderr line) and the others still get
-  predictions. Raises NoReadableImageError when no image at all could be read.
+  Args:
+    workdir: a training workdir (its run.json and a checkpoint are all that is read).
+    images: image files, or folders of .jpg/.jpeg/.png files.
+    which: "best" (else the latest) or "latest" checkpoint.
+    fmt: "table" or "json" (one line per image).
+
+  Returns:
+    Per file, {"image": PATH, "top5": [{"label", "prob"}, ...]}, or {"image": PATH,
+    "error": MESSAGE} for a file that cannot be read (also printed to stderr); the other
+    files still get predictions.
+
+  Raises:
+    errors.NoReadableImageError when no image at all could be read.
   """
   if fmt not in ("table", "json"):
     raise ValueError(f"fmt={fmt!r}: use 'table' or 'json'.")
   paths = expand_paths(images)
   if not paths:
-    raise NoReadableImageError(
+    raise errors.NoReadableImageError(
         f"No image files in {list(images)}: pass files, or folders of "
-        f"{'/'.join(data.IMAGE_EXTENSIONS)} files (--images=a.jpg,folder/).")
-  run = run_files.load_run(workdir)
-  readable, images_NxHxWxC, errors = read_images(paths, run["image_shape"])
-  for error in errors.values():
+        f"{'/'.join(decode.IMAGE_EXTENSIONS)} files (--images=a.jpg,folder/).")
+  run = workdir_lib.load_run(workdir)
+  readable, images_NxHxWxC, failures = read_images(paths, run["image_shape"])
+  for error in failures.values():
     print(error, file=sys.stderr, flush=True)
   probs = {}
   if readable:
     probs = dict(zip(readable, _probabilities(workdir, which, images_NxHxWxC)))
-  results = [{"image": path, "error": errors[path]} if path in errors else
+  results = [{"image": path, "error": failures[path]} if path in failures else
              {"image": path, "top5": top_k(probs[path], run["class_names"])}
              for path in paths]
   if fmt == "json":
@@ -169,5 +178,5 @@ def predict_files(workdir: str, images: Sequence[str], which: str = "best",
   elif readable:
     print(format_table(results), flush=True)
   if not readable:
-    raise NoReadableImageError(f"None of the {len(paths)} images could be read.")
+    raise errors.NoReadableImageError(f"None of the {len(paths)} images could be read.")
   return results

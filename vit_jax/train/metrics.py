@@ -65,4 +65,3 @@ def finalize_eval(sums: Mapping[str, jax.Array | np.ndarray | float | int]) -> d
       "eval/top5": int(sums["top5_sum"]) / count,
       "eval/num_examples": count,
   }
-

@@ -1,0 +1,65 @@
+"""Image shape and class count of datasets, known without reading (or downloading) them.
+
+Bench mode times the train step on synthetic batches of the dataset's stored shape, on
+machines that may not have the data, or TFDS at all.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from vit_jax import errors
+
+# (image shape HWC, classes) of datasets the benchmark knows without reading them.
+KNOWN_DATASETS = {
+    "cifar10": ((32, 32, 3), 10),
+    "cifar100": ((32, 32, 3), 100),
+    "mnist": ((28, 28, 1), 10),
+    "fashion_mnist": ((28, 28, 1), 10),
+    "kmnist": ((28, 28, 1), 10),
+    "emnist": ((28, 28, 1), 62),
+    "svhn_cropped": ((32, 32, 3), 10),
+    "stl10": ((96, 96, 3), 10),
+}
+# Datasets of varying image size are loaded at config.load_size (0 = image_size).
+KNOWN_VARIABLE_SIZE = {
+    "imagenet2012": 1000, "imagenet_v2": 1000, "imagenette": 10, "oxford_iiit_pet": 37,
+    "oxford_flowers102": 102, "caltech101": 102, "food101": 101, "cars196": 196,
+    "dtd": 47, "eurosat": 10, "resisc45": 45, "places365_small": 365,
+}
+
+
+def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
+  """(stored image shape HWC, number of classes) of config.dataset, without downloading.
+
+  Known datasets come from the tables above; an image folder is read; another TFDS
+  dataset must be prepared in config.data_dir (its info is read, TFDS imported here).
+  """
+  name = config.dataset.split(":")[0].split("/")[0]
+  if name in KNOWN_DATASETS:
+    shape, classes = KNOWN_DATASETS[name]
+    return tuple(shape), classes
+  size = config.load_size or config.image_size
+  if name in KNOWN_VARIABLE_SIZE:
+    return (size, size, 3), KNOWN_VARIABLE_SIZE[name]
+  if name == "folder":
+    from vit_jax.data import folders  # pylint: disable=g-import-not-at-top  # Imports TFDS.
+    source = folders.load(config, config.train_split)
+    return tuple(source.image_shape), source.num_classes
+  try:  # A prepared TFDS dataset: its info is on disk.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    if builder.is_prepared():
+      info = builder.info
+      keys = info.supervised_keys
+      image_key, label_key = keys if keys and len(keys) == 2 else ("image", "label")
+      shape = tuple(info.features[image_key].shape)
+      if None in shape:
+        shape = (size, size, shape[-1])
+      return shape, info.features[label_key].num_classes
+  except Exception:  # pylint: disable=broad-except
+    pass
+  raise errors.ConfigError(
+      f"config.dataset={config.dataset!r}: the benchmark does not know the image shape of "
+      f"this dataset and it is not prepared in config.data_dir: use one of "
+      f"{', '.join(sorted({**KNOWN_DATASETS, **KNOWN_VARIABLE_SIZE}))}, or prepare it "
+      "first (e.g. one --mode=train run).")

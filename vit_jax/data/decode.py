@@ -1,0 +1,73 @@
+"""Image files and arrays on the host: decoding with PIL, channels, resizing.
+
+Used by image folders, by TFDS datasets of varying image size, and by predict, so that a
+file is decoded the same way wherever it comes from.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vit_jax import errors
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_NUM_THREADS = min(32, os.cpu_count() or 1)
+
+
+@functools.cache
+def decode_pool() -> concurrent.futures.ThreadPoolExecutor:
+  # Pillow releases the GIL while decoding and resizing, so threads scale.
+  return concurrent.futures.ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="decode")
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """[h, w, C] uint8 -> [size, size, C], squashing the aspect ratio (bilinear)."""
+  if image.shape[:2] == (size, size):
+    return image
+  channels = image.shape[-1]
+  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+  resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
+  return resized.reshape(size, size, channels)
+
+
+def to_channels(image_HxWxC: np.ndarray, channels: int) -> np.ndarray:
+  """Grey to RGB by repeating, RGB to grey as PIL's "L" (for folders and predict)."""
+  if image_HxWxC.shape[-1] == channels:
+    return image_HxWxC
+  if channels == 3:
+    return np.repeat(image_HxWxC, 3, axis=-1)
+  return np.asarray(Image.fromarray(image_HxWxC).convert("L"))[..., None]
+
+
+# PIL's errors for files it cannot parse: OSError (UnidentifiedImageError, "image file is
+# truncated"), ValueError, SyntaxError/EOFError from some format plugins, and images too
+# large to be anything but a decompression bomb.
+PIL_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def is_grey(pil_mode: str) -> bool:
+  return pil_mode in ("1", "L", "LA", "La") or pil_mode.startswith("I")
+
+
+def decode_file(path: Path, size: int) -> np.ndarray:
+  """[size, size, 1] for grayscale files, [size, size, 3] for the rest (alpha dropped).
+
+  16-bit grayscale (PNG mode I;16 or I) is scaled to 8 bits; PIL's own conversion would
+  clip everything above 255 to white.
+  """
+  try:
+    with Image.open(path) as pil:
+      if pil.mode.startswith("I"):
+        wide = np.asarray(pil).astype(np.int64)
+        image = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+      else:
+        image = np.asarray(pil.convert("L" if is_grey(pil.mode) else "RGB"))
+  except PIL_READ_ERRORS as e:
+    raise errors.DataError(f"Cannot read image {path}: {e or type(e).__name__}. Replace or remove "
+                     "the file.") from e
+  return resize(image.reshape(*image.shape[:2], -1), size)

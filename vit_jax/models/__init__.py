@@ -1,0 +1,7 @@
+"""The ViT model: `vit` (linen modules and the registry), `cpu_kernels` (the CPU layers
+behind the `kernels` switch) and `convert` (published checkpoint layouts)."""
+from vit_jax.models.vit import (KERNELS, ModelSpec, VisionTransformer, count_params,
+                                create_model, get_spec, list_models, uses_cpu_kernels)
+
+__all__ = ["KERNELS", "ModelSpec", "VisionTransformer", "count_params", "create_model",
+           "get_spec", "list_models", "uses_cpu_kernels"]

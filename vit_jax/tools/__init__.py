@@ -1,0 +1,2 @@
+"""The user-facing modes besides training: evaluate, predict, visualize, export, bench
+(with flops: FLOP counts and device peaks)."""

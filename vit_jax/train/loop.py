@@ -1,0 +1,315 @@
+"""train_and_evaluate(config, workdir): the main job, resumable and multi-host.
+
+mesh -> input -> model + optimiser -> resume -> steps -> loop (log, evaluate + best,
+checkpoint, preemption) -> final evaluation. Rerunning the same command in the same
+workdir resumes from the newest readable checkpoint and reproduces the uninterrupted run
+bit for bit (parameters and metrics.jsonl, but for the measured images/sec).
+
+Faults:
+- SIGTERM or SIGINT: a checkpoint at the next step, then `preemption.Preempted` (exit
+  status 143 or 130; see preemption.py).
+- A non-finite loss or gradient: the update is never applied (see steps.py). With
+  `config.on_nonfinite="stop"` the run raises `errors.NonFiniteLossError` naming the step
+  before it saves anything past it; with "skip" it goes on and logs `train/skipped_steps`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from vit_jax import config as config_lib, data, errors, parallel
+from vit_jax.data import pipeline
+from vit_jax.train import (checkpoints, optim, preemption, pretrained, report,
+                           state as state_lib, steps, workdir as workdir_lib)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluates and checkpoints into `workdir`; resumes the run found there.
+
+  Args:
+    config: a config from `vit_jax.config.get_base_config()` (a recipe in configs/).
+    workdir: where checkpoints, metrics.jsonl, TensorBoard events and pictures go.
+
+  Returns:
+    The final evaluation metrics ("eval/top1", "eval/top5", "eval/loss", ...).
+
+  Raises:
+    preemption.Preempted (a SystemExit) after checkpointing on SIGTERM/SIGINT;
+    errors.NonFiniteLossError at a non-finite step when config.on_nonfinite="stop";
+    other errors.UserError kinds for config, data and workdir mistakes.
+  """
+  # --------------------------------------------------------------------------- Mesh
+  config_lib.validate(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divides(config.batch_size)
+  parallel.check_batch_divides(config.eval_batch_size, "config.eval_batch_size")
+  os.makedirs(workdir, exist_ok=True)
+
+  # -------------------------------------------------------------------------- Input
+  train_source = data.load_source(config, config.train_split)
+  eval_source = data.load_source(config, config.eval_split)
+  val_source = data.load_source(config, config.val_split) if config.val_split else None
+  num_classes = train_source.num_classes
+  mean_C, std_C = train_source.channel_mean_std()
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config_lib.resolve_steps(config, len(train_source))
+  workdir_lib.check_workdir(workdir, config, num_classes)
+
+  # -------------------------------------------------------------- Model + optimiser
+  model = state_lib.build_model(config, num_classes)
+  input_shape = (config.image_size, config.image_size, train_source.image_shape[-1])
+  abstract_params = jax.eval_shape(
+      lambda: state_lib.init_params(model, config.seed, input_shape))
+  tx = optim.make_optimizer(config, abstract_params)
+  state, shardings = state_lib.create_state(model, tx, mesh, seed=config.seed,
+                                            image_shape_HWC=input_shape, fsdp=config.fsdp)
+
+  # ------------------------------------------------------------------------- Resume
+  store = checkpoints.CheckpointStore(workdir, config.keep_checkpoints)
+  restored = _restore(store, state, shardings, workdir, config)
+  # Written once the run's checkpoints are known to fit this config: a refused rerun
+  # leaves the workdir's record of its run as it was.
+  workdir_lib.write_run_files(workdir, config, class_names=train_source.class_names,
+                              image_shape=train_source.image_shape, mean_C=mean_C,
+                              std_C=std_C)
+  writer = report.MetricsWriter(workdir)
+  state, start_step = _start_or_resume(config, workdir, state, restored, store, writer)
+
+  # -------------------------------------------------------------------------- Steps
+  train_step = steps.make_train_step(config, model, tx, mesh, shardings,
+                                     num_classes=num_classes, mean_C=mean_C, std_C=std_C)
+  evaluate = _evaluator(steps.make_eval_step(config, model, mesh, shardings.params,
+                                             mean_C=mean_C, std_C=std_C),
+                        config.eval_batch_size, mesh)
+
+  # --------------------------------------------------------------------------- Loop
+  batches = pipeline.train_iterator(train_source, batch_size=config.batch_size,
+                                    seed=config.seed, mesh=mesh, start_step=start_step)
+  if restored is not None:
+    batches.set_state(restored.data_state)  # Refuses a state from another seed/batch/data.
+  unlogged = list(restored.meta.get("unlogged", [])) if restored is not None else []
+  run = _Run(config, workdir, store, writer, evaluate, metrics=_StepMetrics(unlogged),
+             select=(val_source or eval_source, "val" if val_source is not None else "eval"),
+             last_saved=start_step if restored is not None else None)
+  try:
+    state, step = _loop(run, state, train_step, batches, start_step)
+  except BaseException:
+    store.close()
+    writer.close()
+    raise
+  finally:
+    batches.close()
+
+  # --------------------------------------------------------------- Final evaluation
+  return _final_evaluation(run, state, shardings, step, eval_source, val_source)
+
+
+# --- The loop's phases --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _StepMetrics:
+  """Per-step training metrics: on the device until a log, evaluation or checkpoint needs
+  them, then on the host in `unlogged` ({"step", "loss", "grad_norm", "finite"}) until the
+  next metrics.jsonl row. `unlogged` is saved with each checkpoint, so that a resumed run
+  writes the rows an uninterrupted one would."""
+  unlogged: list[dict]
+  on_device: list[tuple[int, dict]] = dataclasses.field(default_factory=list)
+  since: float = dataclasses.field(default_factory=time.time)  # Start of the timed stretch.
+
+  def fetch(self) -> list[int]:
+    """Moves the device metrics to `unlogged`; returns the non-finite steps among them."""
+    if self.on_device:
+      fetched = jax.device_get([m for _, m in self.on_device])
+      for (step, _), m in zip(self.on_device, fetched):
+        finite = bool(m["finite"])
+        self.unlogged.append({"step": step, "finite": finite,
+                              "loss": float(m["loss"]) if finite else None,
+                              "grad_norm": float(m["grad_norm"]) if finite else None})
+      self.on_device = []
+    return [u["step"] for u in self.unlogged if not u["finite"]]
+
+  def row(self, step: int, lr: float, batch_size: int) -> dict[str, float]:
+    """The metrics.jsonl row of the steps since the last one; starts the next."""
+    finite = [u for u in self.unlogged if u["finite"]]
+    scalars = {
+        "train/loss": _mean([u["loss"] for u in finite]),
+        "train/grad_norm": _mean([u["grad_norm"] for u in finite]),
+        "train/lr": lr,
+        "train/images_per_sec": (len(self.unlogged) * batch_size
+                                 / max(time.time() - self.since, 1e-9)),
+    }
+    skipped = [u["step"] for u in self.unlogged if not u["finite"]]
+    if skipped:
+      scalars["train/skipped_steps"] = len(skipped)
+      listed = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+      print(f"WARNING: skipped {len(skipped)} step(s) with a non-finite loss or gradient "
+            f"(steps {listed}).", flush=True)
+    self.unlogged = []
+    return scalars
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop's phases share."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  store: checkpoints.CheckpointStore
+  writer: report.MetricsWriter
+  evaluate: Callable[[Any, data.Source, str], dict]
+  select: tuple[data.Source, str]  # The split that picks the best checkpoint, its prefix.
+  metrics: _StepMetrics
+  last_saved: int | None  # The newest checkpoint's step.
+  last_eval: dict = dataclasses.field(default_factory=dict)
+
+
+def _start_or_resume(config, workdir: str, state, restored: checkpoints.Restored | None,
+                     store: checkpoints.CheckpointStore, writer: report.MetricsWriter):
+  """(state, first step): the restored run, else a fresh one (from config.init_from)."""
+  if restored is None:
+    if config.init_from:
+      state = state.replace(params=pretrained.load_into(config, state.params))
+    return state, 0
+  print(f"Resuming from {workdir}/checkpoints/{restored.step} (step {restored.step}/"
+        f"{config.total_steps}).", flush=True)
+  # What a crashed run logged or kept past its last checkpoint is recomputed.
+  writer.truncate_after(restored.step)
+  store.discard_best_after(restored.step)
+  return restored.state, restored.step
+
+
+def _evaluator(eval_step, batch_size: int, mesh) -> Callable[[Any, data.Source, str], dict]:
+  """(params, source, prefix) -> the metrics of every example of source, as prefix/..."""
+
+  def evaluate(params, source: data.Source, prefix: str) -> dict:
+    result = steps.run_eval(eval_step, params, pipeline.eval_batches(
+        source, batch_size=batch_size, mesh=mesh))
+    return {k.replace("eval/", f"{prefix}/"): v for k, v in result.items()}
+
+  return evaluate
+
+
+def _restore(store, state, shardings, workdir: str, config) -> checkpoints.Restored | None:
+  """The newest readable checkpoint of the workdir (None for a new run)."""
+  try:
+    return store.restore(checkpoints.abstract_with_shardings(state, shardings))
+  except errors.StateMismatchError as e:
+    raise errors.StateMismatchError(
+        f"{e} {workdir_lib.changed_settings(workdir, config)}") from None
+
+
+def _loop(run: _Run, state, train_step, batches, step: int):
+  """Steps until config.total_steps with the periodic log, evaluation and checkpoint."""
+  config = run.config
+  schedule = optim.make_schedule(config)
+  progress = report.Progress(config.total_steps, step)
+  stop = preemption.StopSignal()
+  best = run.store.best_meta()
+  best_value = None if best is None else best["value"]
+  try:
+    while step < config.total_steps:
+      state, step_metrics = train_step(state, next(batches))
+      step += 1
+      run.metrics.on_device.append((step, step_metrics))
+      is_last = step == config.total_steps
+      stopping = not is_last and stop.should_stop(step)
+      if step % config.log_every_steps == 0 or is_last:
+        _check_finite(run)
+        scalars = run.metrics.row(step, float(schedule(step - 1)), config.batch_size)
+        run.writer.write(step, scalars)
+        progress.update(step, scalars)
+        run.metrics.since = time.time()
+      if step % config.eval_every_steps == 0 or is_last:
+        _check_finite(run)
+        best_value = _evaluate_and_keep_best(run, state, step, batches, best_value, progress)
+        run.metrics.since = time.time()
+      if step % config.checkpoint_every_steps == 0 or is_last or stopping:
+        _check_finite(run)
+        run.store.save(step, state, batches.get_state(), {"unlogged": run.metrics.unlogged})
+        run.last_saved = step
+        run.metrics.since = time.time()
+      if stopping:
+        raise _preempted(run, stop.received, step)
+  finally:
+    stop.restore()
+  return state, step
+
+
+def _check_finite(run: _Run) -> None:
+  """Fetches the step metrics; stops at a non-finite step if config.on_nonfinite="stop".
+
+  Runs before anything is logged or saved, so that no checkpoint, best or otherwise, is
+  ever written past a non-finite step that should have stopped the run.
+  """
+  bad = run.metrics.fetch()
+  if bad and run.config.on_nonfinite == "stop":
+    kept = (f"The newest checkpoint is {run.workdir}/checkpoints/{run.last_saved} (step "
+            f"{run.last_saved}); a rerun resumes from it." if run.last_saved is not None
+            else "No checkpoint had been saved yet.")
+    raise errors.NonFiniteLossError(
+        f"Non-finite loss or gradient at step {bad[0]}: its update was not applied and "
+        f"the run stopped (config.on_nonfinite='stop'). {kept} Lower config.optim.lr or "
+        "set config.optim.grad_clip_norm and rerun, or set config.on_nonfinite='skip' to "
+        "skip such steps.")
+
+
+def _evaluate_and_keep_best(run: _Run, state, step: int, batches, best_value: float | None,
+                            progress: report.Progress) -> float | None:
+  """Evaluates the selection split, logs it, saves a best checkpoint when it improved."""
+  source, prefix = run.select
+  run.last_eval = run.evaluate(state.params, source, prefix)
+  run.writer.write(step, run.last_eval)
+  if run.writer.enabled:  # Refreshed at every evaluation: workdir/pictures/.
+    report.plot_training_curves(run.workdir)
+  progress.update(step, {k.replace(f"{prefix}/", "eval/"): v
+                         for k, v in run.last_eval.items()})
+  metric = run.config.best_metric
+  value = run.last_eval[f"{prefix}/{metric}"]
+  if best_value is None or (value < best_value if metric == "loss" else value > best_value):
+    run.store.save_best(step, state, batches.get_state(),
+                        {"metric": f"{prefix}/{metric}", "value": value})
+    return value
+  return best_value
+
+
+def _preempted(run: _Run, signal_name: str, step: int) -> preemption.Preempted:
+  error = preemption.Preempted(signal_name, step)
+  print(f"{signal_name}: saved a checkpoint at step {step}/{run.config.total_steps} in "
+        f"{run.workdir}/checkpoints; exiting with status {error.code}. Rerun the same "
+        "command to resume.", flush=True)
+  return error
+
+
+def _final_evaluation(run: _Run, state, shardings, step: int, eval_source, val_source) -> dict:
+  """The last evaluation; with a validation split, the test split scored with the best
+  checkpoint (picked on validation). Writes final_metrics.json, the curves, a summary."""
+  source, prefix = run.select
+  final = dict(run.last_eval) or run.evaluate(state.params, source, prefix)
+  if val_source is not None:
+    best = run.store.restore(checkpoints.abstract_with_shardings(state, shardings), "best")
+    best = best or checkpoints.Restored(step, state, {}, {})
+    final.update(run.evaluate(best.state.params, eval_source, "eval"))
+    final["eval/best_step"] = best.step
+    run.writer.write(step, {k: v for k, v in final.items() if k.startswith("eval/")})
+  run.store.close()
+  run.writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(run.workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
+      json.dump({"step": step, **final}, f, indent=2)
+    report.plot_training_curves(run.workdir)
+  report.print_summary({"steps": step, **{k: round(v, 4) if isinstance(v, float) else v
+                                          for k, v in final.items()}, "workdir": run.workdir})
+  return final
+
+
+def _mean(values: list) -> float:
+  # float32 as the device computed them, averaged the same way in every run.
+  return float(np.mean(np.asarray(values, np.float32))) if values else float("nan")

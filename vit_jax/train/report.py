@@ -1,0 +1,173 @@
+"""What a run writes for people: metrics.jsonl, TensorBoard events, the console line, and
+the training curves drawn from metrics.jsonl (workdir/pictures/training_curves.png).
+
+Only process 0 writes; the other processes of a multi-host run get no-op writers.
+matplotlib and tensorboardX are imported where they are used: bench mode, which runs
+the train step without writing anything, does not need them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+
+from vit_jax import errors
+
+DPI = 100
+CURVE_PANEL_INCHES = (5.0, 4.0)  # Width, height of one training-curve panel.
+_CURVES = (("loss", "loss"), ("top1", "top-1 accuracy"), ("top5", "top-5 accuracy"))
+_SPLIT_COLORS = {"train": "C0", "eval": "C1", "val": "C2"}  # The same in every panel.
+
+
+class MetricsWriter:
+  """Appends `{"step": S, name: value, ...}` lines to workdir/metrics.jsonl and TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # Imported here: only the writer needs it.
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+    for name, value in scalars.items():
+      if isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb.add_scalar(name, value, step)
+    self._tb.flush()
+
+  def truncate_after(self, step: int) -> None:
+    """Drops rows past `step`: a resumed run rewrites what the crashed run logged later."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(rows)
+    os.replace(tmp, self.path)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _jsonable(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/Inf; keep them readable.
+  return value
+
+
+class Progress:
+  """One console line per log step: step, loss, images/s and ETA."""
+
+  def __init__(self, total_steps: int, start_step: int):
+    self.total, self.start = total_steps, start_step
+    self.t0 = time.time()
+    self.enabled = jax.process_index() == 0
+
+  def update(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    done = step - self.start
+    rate = done / max(time.time() - self.t0, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float("nan")
+    width = 24
+    filled = int(width * step / max(self.total, 1))
+    parts = [f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}"]
+    for key, fmt in (("train/loss", "loss {:.4f}"), ("eval/top1", "top1 {:.4f}"),
+                     ("train/images_per_sec", "{:.1f} img/s")):
+      if key in scalars:
+        parts.append(fmt.format(scalars[key]))
+    parts.append(f"ETA {_duration(eta)}")
+    print("  ".join(parts), file=sys.stdout, flush=True)
+
+
+def print_summary(lines: dict[str, object]) -> None:
+  """The end-of-run block: one "key: value" line each (process 0)."""
+  if jax.process_index() != 0:
+    return
+  print("=" * 60)
+  for key, value in lines.items():
+    print(f"{key:>24}: {value}")
+  print("=" * 60, flush=True)
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --- Pictures ---------------------------------------------------------------------------
+
+
+def pictures_dir(workdir: str) -> str:
+  """Where a run's pictures go."""
+  return os.path.join(workdir, "pictures")
+
+
+def save_png(fig, path: str) -> str:
+  """Writes a matplotlib Figure as a PNG atomically: a reader sees the old file or the new
+  one, never half."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  FigureCanvasAgg(fig)  # Renders with Agg whatever backend the process has chosen.
+  fig.savefig(tmp, format="png", dpi=DPI)
+  os.replace(tmp, path)
+  return path
+
+
+def _series(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+  """Steps and values of `key`, skipping rows without it and non-finite values."""
+  points = [(row["step"], float(row[key])) for row in rows if key in row]
+  points = [(step, value) for step, value in points if math.isfinite(value)]
+  return [s for s, _ in points], [v for _, v in points]
+
+
+def plot_training_curves(workdir: str) -> str:
+  """Loss, top-1 and top-5 against steps for train, eval and val, one panel each.
+
+  Draws what workdir/metrics.jsonl holds (training logs no train accuracy, so top-1/5
+  show eval and val) into workdir/pictures/training_curves.png.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  rows = read_metrics(workdir)
+  if not rows:
+    raise errors.NoRunError(f"No metrics in {workdir}/metrics.jsonl yet: train first.")
+  width, height = CURVE_PANEL_INCHES
+  fig = Figure(figsize=(width * len(_CURVES), height), layout="constrained")
+  for ax, (metric, label) in zip(fig.subplots(1, len(_CURVES)), _CURVES):
+    for split, color in _SPLIT_COLORS.items():
+      steps, values = _series(rows, f"{split}/{metric}")
+      if steps:
+        # Evaluations are sparse: markers show where they were taken (and a lone point).
+        marker = None if split == "train" and len(steps) > 1 else "o"
+        ax.plot(steps, values, label=split, color=color, marker=marker, markersize=3)
+    ax.set(title=f"{label} over steps", xlabel="step", ylabel=label)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend()
+  fig.suptitle(f"training curves: {os.path.basename(os.path.normpath(workdir))}")
+  return save_png(fig, os.path.join(pictures_dir(workdir), "training_curves.png"))

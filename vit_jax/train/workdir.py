@@ -1,0 +1,196 @@
+"""A training workdir: the files that make it self-describing, and loading what it trained.
+
+`config.json` is the resolved config; `run.json` what the data told the run (class
+names, stored image shape, the training set's channel mean/std). Evaluation, prediction,
+visualisation and export need nothing but the workdir because of them (`load_trained`).
+Resuming into a workdir that holds another model or dataset is refused: it would mix two
+runs' checkpoints. `start_over` deletes a run's files and nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+
+from vit_jax import errors, models, parallel
+from vit_jax.train import checkpoints, optim, state as state_lib
+
+# What must match for a rerun in the same workdir to resume the run found there.
+IDENTITY_KEYS = ("dataset", "model.name", "image_size")
+# What a run writes into its workdir: `start_over` deletes these and nothing else.
+RUN_ENTRIES = ("checkpoints", "best", "tensorboard", "pictures", "metrics.jsonl",
+               "config.json", "run.json", "final_metrics.json")
+
+
+def _get(config: dict, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def _atomic_write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, num_classes: int) -> None:
+  """Refuses a workdir that holds a run of another model or dataset."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  old, new = load_config_dict(workdir), json.loads(config.to_json_best_effort())
+  diffs = [f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in IDENTITY_KEYS
+           if _get(old, k) != _get(new, k)]
+  old_classes = load_run(workdir)["num_classes"]
+  if old_classes != num_classes:
+    diffs.append(f"num_classes: {old_classes} -> {num_classes}")
+  if diffs:
+    raise errors.WorkdirMismatchError(
+        f"Workdir {workdir} holds a run of a different model or dataset "
+        f"({'; '.join(diffs)}). Use another --workdir, or pass --start_over to delete "
+        "its checkpoints and train from scratch.")
+
+
+def changed_settings(workdir: str, config: ml_collections.ConfigDict,
+                     prefixes: tuple[str, ...] = ("",)) -> str:
+  """A sentence listing "key: saved -> now" for each config value under `prefixes` that
+  differs from the workdir's config.json (for errors about checkpoints the config no longer
+  fits); keys the saved file lacks (added to vit_jax since) are left out."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return "The workdir has no config.json to compare the settings with."
+  def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+      out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                 else {f"{prefix}{key}": value})
+    return out
+  old = flat(load_config_dict(workdir))
+  new = flat(json.loads(config.to_json_best_effort()))
+  changed = [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
+             if k.startswith(prefixes) and old[k] != new.get(k)]
+  return f"Settings changed since the run's config.json: {'; '.join(changed) or 'none'}."
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, *, class_names,
+                    image_shape, mean_C: np.ndarray, std_C: np.ndarray) -> None:
+  """config.json and run.json: what eval, predict, export and a resumed run read back."""
+  run = {"class_names": list(class_names), "num_classes": len(class_names),
+         "image_shape": list(image_shape), "mean": np.asarray(mean_C).tolist(),
+         "std": np.asarray(std_C).tolist()}
+  if jax.process_index() == 0:
+    _atomic_write_json(os.path.join(workdir, "config.json"),
+                       json.loads(config.to_json_best_effort()))
+    _atomic_write_json(os.path.join(workdir, "run.json"), run)
+
+
+def _run_file(workdir: str, name: str) -> str:
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    raise errors.NoRunError(f"{path} not found: {workdir} is not a vit_jax training workdir (train "
+                            "into it with main.py --mode=train first).")
+  return path
+
+
+def load_config_dict(workdir: str) -> dict:
+  with open(_run_file(workdir, "config.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(load_config_dict(workdir))
+
+
+def load_run(workdir: str) -> dict:
+  with open(_run_file(workdir, "run.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def start_over(workdir: str) -> None:
+  """Deletes the run in `workdir` (its RUN_ENTRIES; other files stay), on every process."""
+  if jax.process_index() == 0 and os.path.isdir(workdir):
+    for entry in RUN_ENTRIES:
+      path = os.path.join(workdir, entry)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+  # No process may look at the workdir before process 0 has emptied it.
+  parallel.sync("start_over")
+
+
+# --- Loading what a workdir trained --------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Trained:
+  """A trained model and what it needs to run on new images."""
+  config: ml_collections.ConfigDict
+  model: models.VisionTransformer
+  params: object
+  step: int
+  class_names: list[str]
+  mean_C: np.ndarray
+  std_C: np.ndarray
+
+
+def load_trained(workdir: str, which: str = "best",
+                 config: ml_collections.ConfigDict | None = None) -> Trained:
+  """The model and parameters of a workdir's checkpoint.
+
+  Args:
+    workdir: a training workdir.
+    which: "best" (falling back to "latest" when there is no best) or "latest".
+    config: the config to build the model with; the run's own (config.json) by default.
+      The checkpoint is always read with the run's own optimiser settings.
+
+  Returns:
+    A `Trained` (config, model, params, step, class names, normalisation statistics).
+
+  Raises:
+    errors.NoRunError when the workdir holds no run or no checkpoint;
+    errors.StateMismatchError when `config` changed a model setting the checkpoint
+    depends on.
+  """
+  saved = load_config(workdir)
+  run = load_run(workdir)
+  config = config or saved
+  with config.unlocked():
+    config.total_steps = config.total_steps or saved.total_steps
+  mesh = parallel.make_mesh()
+  model = state_lib.build_model(config, run["num_classes"])
+  input_shape = (config.image_size, config.image_size, run["image_shape"][-1])
+  abstract_params = jax.eval_shape(lambda: state_lib.init_params(model, config.seed,
+                                                                 input_shape))
+  # The optimiser of the run that wrote the checkpoint (its state is part of it), whatever
+  # the given config says: evaluation does not use it, and a changed optimiser setting
+  # would otherwise make intact checkpoints unreadable to eval.
+  tx = optim.make_optimizer(saved, abstract_params)
+  abstract_state = jax.eval_shape(lambda: state_lib.TrainState(
+      step=jax.numpy.zeros((), jax.numpy.int32), params=abstract_params,
+      opt_state=tx.init(abstract_params), rng=jax.numpy.zeros((2,), jax.numpy.uint32)))
+  shardings = state_lib.state_shardings(abstract_state, mesh, config.fsdp)
+  store = checkpoints.CheckpointStore(workdir, config.keep_checkpoints)
+  abstract = checkpoints.abstract_with_shardings(abstract_state, shardings)
+  restored = None
+  try:
+    for kind in ((which, "latest") if which == "best" else (which,)):
+      restored = store.restore(abstract, kind)
+      if restored is not None:
+        break
+  except errors.StateMismatchError as e:
+    # Eval builds the run's own optimiser: only the model's settings can differ.
+    changed = changed_settings(workdir, config, ("model.", "scan_layers", "image_size"))
+    raise errors.StateMismatchError(f"{e} {changed}") from None
+  finally:
+    store.close()
+  if restored is None:
+    raise errors.NoRunError(f"No checkpoint in {workdir}/checkpoints or {workdir}/best: "
+                            "train first (main.py --mode=train).")
+  return Trained(config, model, restored.state.params, restored.step, run["class_names"],
+                 np.asarray(run["mean"], np.float32), np.asarray(run["std"], np.float32))
