@@ -445,6 +445,15 @@ def set_key(config, dotted: str, value) -> None:
     ("model.overrides.head_hidden_dims", (64, -1), "config.model.overrides.head_hidden_dims="
      "(64, -1) is not allowed: use a tuple of integers >= 1, e.g. (512,) or ()."),
     ("seed", -1, "config.seed=-1 is not allowed: use an integer in [0, 4294967295]."),
+    ("compute_dtype", "float16", "config.compute_dtype='float16' is not allowed: float16 "
+     "training needs dynamic loss scaling, which vit_jax does not do; use 'bfloat16' "
+     "(float32's range, the same speed on current GPUs and TPUs) or 'float32'."),
+    ("optim.mu_dtype", "float16", "config.optim.mu_dtype='float16' is not allowed: use one "
+     "of ('float32', 'bfloat16')."),
+    ("kernels", "cudnn", "config.kernels='cudnn' cannot run ViT-Ti/4: it needs bfloat16 or "
+     "float16 compute (got float32). Use config.kernels='auto'."),
+    ("kernels", "tpu", "config.kernels='tpu' is not allowed: use one of ('auto', 'cpu', "
+     "'xla', 'cudnn')."),
 ])
 def test_config_error_names_key_value_and_allowed(key, value, message):
   config = base_config()

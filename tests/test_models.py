@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vit_jax import models
-from vit_jax.models import cpu_kernels
+from vit_jax.models import cpu_kernels, vit
 
 # Published counts (1000 classes, 224 px, class token, no pre_logits), from the ViT paper's
 # checkpoints; the small-image and Keras rows are derived in the comments below.
@@ -162,11 +162,71 @@ def test_cpu_and_xla_kernels_give_the_same_logits_and_gradients(fields):
                                atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
 
 
-def test_kernels_auto_is_cpu_on_cpu_and_unknown_values_are_refused():
-  assert models.uses_cpu_kernels("auto") == (jax.default_backend() == "cpu")
-  assert models.uses_cpu_kernels("cpu") and not models.uses_cpu_kernels("xla")
-  with pytest.raises(ValueError, match=r"kernels='gpu': use one of \('auto', 'cpu', 'xla'\)"):
-    models.uses_cpu_kernels("gpu")
+def test_kernels_resolve_per_backend_dtype_and_head_size():
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert models.resolve_kernels("auto", "cpu", bf16, 64) == "cpu"
+  assert models.resolve_kernels("auto", "gpu", bf16, 64) == "cudnn"
+  assert models.resolve_kernels("auto", "gpu", f32, 64) == "xla"  # cuDNN: 16-bit only.
+  assert models.resolve_kernels("auto", "gpu", bf16, 12) == "xla"  # Not a multiple of 8.
+  assert models.resolve_kernels("auto", "tpu", bf16, 64) == "xla"
+  assert models.resolve_kernels("xla", "cpu", f32, 64) == "xla"
+  assert models.resolve_kernels("cpu", "gpu", f32, 64) == "cpu"
+  with pytest.raises(ValueError, match=r"^kernels='gpu': use one of \('auto', 'cpu', 'xla', "
+                                       r"'cudnn'\)\.$"):
+    models.resolve_kernels("gpu", "cpu", f32, 64)
+  with pytest.raises(ValueError, match=r"^kernels='cudnn' cannot run here: it needs a GPU\. "):
+    models.resolve_kernels("cudnn", "cpu", bf16, 64)
+  with pytest.raises(ValueError, match=r"^kernels='cudnn' cannot run here: it needs bfloat16 "
+                                       r"or float16 compute \(got float32\)"):
+    models.resolve_kernels("cudnn", "gpu", f32, 64)
+
+
+@pytest.mark.parametrize("length", [65, 64])
+def test_padding_to_an_even_length_leaves_attention_unchanged(length):
+  # What cuDNN gets for 65 tokens (a class token and 8 x 8 patches): 66, the last masked.
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, length, 4, 16))
+
+  def attend(q, k, v, pad):
+    return vit.dot_product_attention(q, k, v, None, pad_odd_length=pad)
+
+  out, grads = jax.value_and_grad(lambda *a: jnp.sum(attend(*a, True) ** 2), (0, 1, 2))(q, k, v)
+  ref, ref_grads = jax.value_and_grad(lambda *a: jnp.sum(attend(*a, False) ** 2),
+                                      (0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(float(out), float(ref), rtol=1e-6)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+  padded = jax.make_jaxpr(lambda *a: attend(*a, True))(q, k, v)
+  assert ("pad" in str(padded)) == (length % 2 == 1)
+
+
+def test_bfloat16_keeps_softmax_logits_and_statistics_in_float32():
+  # Every matmul of the bfloat16 model takes bfloat16 inputs; those that make the attention
+  # logits (B x H x L x L) and the class logits (B x K) accumulate in float32.
+  for kernels in ("xla", "cpu"):
+    model = _tiny(dtype=jnp.bfloat16, kernels=kernels, zero_head_init=False)
+    variables, x = _init(model)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply(p, x, train=True))(variables)
+    dots = [eqn for eqn in _all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"]
+    assert len(dots) >= 13, kernels  # 6 or 8 per block (q/k/v fused or not), the head.
+    for eqn in dots:
+      assert {v.aval.dtype for v in eqn.invars} == {jnp.dtype(jnp.bfloat16)}, (kernels, eqn)
+    float32_outputs = {tuple(eqn.outvars[0].aval.shape) for eqn in dots
+                       if eqn.outvars[0].aval.dtype == jnp.float32}
+    # The attention logits: 4 x 2 x 17 x 17 (XLA's attention adds a group axis of 1).
+    assert any(shape.count(17) == 2 and np.prod(shape) == 4 * 2 * 17 * 17
+               for shape in float32_outputs), (kernels, float32_outputs)
+    assert (4, 7) in float32_outputs, (kernels, float32_outputs)
+    assert len(float32_outputs) < len({tuple(e.outvars[0].aval.shape) for e in dots}), kernels
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _all_eqns(inner)
 
 
 def test_scan_layers_matches_unrolled_blocks():

@@ -220,6 +220,31 @@ def test_adamw_two_steps_match_hand_computation(mode):
     np.testing.assert_allclose(params["head"]["bias"], [w], rtol=1e-6)
 
 
+@pytest.mark.parametrize("name,mode", [("adamw", "decoupled_lr"), ("adamw", "decoupled"),
+                                       ("sgd", "decoupled_lr")])
+def test_mu_dtype_sets_the_first_moment_only(name, mode):
+  params = vit_params(depth=1)
+  grads = jax.tree_util.tree_map(lambda p: np.full_like(p, 0.3), params)
+  states = {}
+  for mu_dtype in ("float32", "bfloat16"):
+    config = make_config(name=name, weight_decay_mode=mode, mu_dtype=mu_dtype)
+    tx = optim.make_optimizer(config, params)
+    states[mu_dtype] = tx.update(grads, tx.init(params), params)
+  dtypes = lambda tree: {np.dtype(x.dtype).name  # noqa: E731
+                         for x in jax.tree_util.tree_leaves(tree) if np.ndim(x)}
+  (_, state32), (updates16, state16) = states["float32"], states["bfloat16"]
+  assert dtypes(state32) == {"float32"}
+  moments16 = [s for s in jax.tree_util.tree_leaves(
+      state16, is_leaf=lambda x: isinstance(x, (optax.ScaleByAdamState, optax.TraceState)))
+      if isinstance(s, (optax.ScaleByAdamState, optax.TraceState))]
+  (moments,) = moments16
+  first = moments.mu if name == "adamw" else moments.trace
+  assert dtypes(first) == {"bfloat16"}
+  if name == "adamw":
+    assert dtypes(moments.nu) == {"float32"}  # The second moment stays float32.
+  assert dtypes(updates16) == {"float32"}  # And so do the parameters' updates.
+
+
 def test_decay_kernels_only_false_decays_everything():
   config = make_config(name="adamw", lr=0.1, weight_decay=0.5, decay_kernels_only=False)
   params = vit_params(depth=1)

@@ -83,10 +83,13 @@ def _model(config: ml_collections.ConfigDict) -> None:
   # Every field of vit_jax.models.VisionTransformer, None = the registry entry's value,
   # e.g. --config.model.overrides.dropout_rate=0.1 or ...overrides.depth=6.
   config.model.overrides = model_overrides()
-  config.compute_dtype = "float32"  # "bfloat16" on accelerators; parameters stay float32.
-  # How the layers are computed: "cpu" (hand-written CPU layers), "xla" (plain linen layers,
-  # the accelerator path) or "auto" (cpu on CPU, xla elsewhere); same parameters and
-  # results either way (vit_jax.models.vit).
+  # "bfloat16" on accelerators: parameters, optimiser state, LayerNorm statistics, softmax
+  # and logits stay float32. float16 is refused: it needs loss scaling to train.
+  config.compute_dtype = "float32"
+  # How the layers are computed: "cpu" (hand-written CPU layers), "xla" (plain linen layers
+  # and XLA's attention), "cudnn" (the same with cuDNN's fused attention; GPU, bfloat16) or
+  # "auto" (cpu on CPU, cudnn on a GPU where it applies, else xla); the same parameters and
+  # results every way (vit_jax/models/vit.py).
   config.kernels = "auto"
 
 
@@ -105,6 +108,9 @@ def _optimiser(config: ml_collections.ConfigDict) -> None:
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8
+  # Adam's first moment (SGD's momentum) in "bfloat16" halves its memory; the second
+  # moment and the parameters stay float32.
+  config.optim.mu_dtype = "float32"
   config.optim.momentum = 0.9  # SGD only.
   config.optim.schedule = "cosine"  # "cosine", "linear" (to 0) or "constant", after warmup.
   config.optim.warmup_steps = 0
@@ -210,7 +216,8 @@ _CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.weight_decay_mode": ("decoupled_lr", "decoupled"),
-    "compute_dtype": ("float32", "bfloat16", "float16"),
+    "compute_dtype": ("float32", "bfloat16"),
+    "optim.mu_dtype": ("float32", "bfloat16"),
     "kernels": models.KERNELS,
     "best_metric": ("top1", "top5", "loss"),
     "on_nonfinite": ("stop", "skip"),
@@ -343,6 +350,10 @@ def _check_model_overrides(overrides: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises errors.ConfigError naming the key, its value and what is allowed."""
+  if config.compute_dtype == "float16":
+    raise _fail("compute_dtype", "float16", "float16 training needs dynamic loss scaling, "
+                "which vit_jax does not do; use 'bfloat16' (float32's range, the same speed "
+                "on current GPUs and TPUs) or 'float32'")
   for key in _STRINGS:
     value = _get(config, key)
     if not isinstance(value, str) or not value:
@@ -356,8 +367,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, str) or value not in allowed:
       raise _fail(key, value, f"use one of {allowed}")
   if config.model.name not in models.list_models():
-    raise errors.ConfigError(f"config.model.name={config.model.name!r} is not a registered model: "
-                             f"use one of {models.list_models()}.")
+    raise errors.ConfigError(f"config.model.name={config.model.name!r} is not a registered "
+                             f"model: use one of {models.list_models()}.")
   for key, (minimum, maximum, note) in _INTS.items():
     _check_int(key, _get(config, key), minimum, maximum, note)
   for key, bounds in _REALS.items():
@@ -371,13 +382,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
           and 0 < scale[0] <= scale[1] <= 1):
     raise _fail("aug.crop_scale", scale, "use (low, high) with 0 < low <= high <= 1")
   _check_model_overrides(config.model.overrides)
+  _check_combinations(config)
 
+
+def _check_combinations(config: ml_collections.ConfigDict) -> None:
+  """Keys that are each allowed but not together."""
   if config.total_steps == 0 and config.num_epochs == 0:
-    raise errors.ConfigError("config.total_steps=0 and config.num_epochs=0: set one of them > 0.")
+    raise errors.ConfigError("config.total_steps=0 and config.num_epochs=0: set one of them "
+                             "> 0.")
   if config.optim.warmup_steps and config.optim.warmup_epochs:
     raise errors.ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} and "
-                             f"config.optim.warmup_epochs={config.optim.warmup_epochs}: set one of "
-                             "them, the other to 0.")
+                             f"config.optim.warmup_epochs={config.optim.warmup_epochs}: set "
+                             "one of them, the other to 0.")
   if config.batch_size % config.optim.accum_steps:
     raise errors.ConfigError(f"config.batch_size={config.batch_size} must divide by "
                              f"config.optim.accum_steps={config.optim.accum_steps}.")
@@ -390,9 +406,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"of {config.model.name}: use a multiple of {patch}, e.g. "
         f"{max(patch, config.image_size // patch * patch)}.")
   if fields.get("pool", "token") == "token" and not fields.get("class_token", True):
-    raise errors.ConfigError("config.model.overrides.pool='token' needs class_token=True: set "
-                             "config.model.overrides.pool to 'gap' or 'flatten', or class_token "
-                             "to True.")
+    raise errors.ConfigError("config.model.overrides.pool='token' needs class_token=True: "
+                             "set config.model.overrides.pool to 'gap' or 'flatten', or "
+                             "class_token to True.")
+  if config.kernels == "cudnn":
+    head_dim = fields.get("head_dim") or fields["width"] // fields["num_heads"]
+    problem = models.cudnn_attention_problem(config.compute_dtype, head_dim)
+    if problem:
+      raise errors.ConfigError(f"config.kernels='cudnn' cannot run {config.model.name}: "
+                               f"{problem}. Use config.kernels='auto'.")
   if config.dataset == "folder" and not config.data_dir:
-    raise errors.ConfigError("config.dataset='folder' needs config.data_dir=/path/to/images with "
-                             "train/CLASS/*.jpg and test/CLASS/*.jpg.")
+    raise errors.ConfigError("config.dataset='folder' needs config.data_dir=/path/to/images "
+                             "with train/CLASS/*.jpg and test/CLASS/*.jpg.")

@@ -176,13 +176,16 @@ def dropout(module: nn.Module, x: Array, rate: float, train: bool) -> Array:
 # --- Attention ------------------------------------------------------------------------------
 
 
-def _head_matmul(a: Array, b: Array, a_contract: int, b_contract: int) -> Array:
+def _head_matmul(a: Array, b: Array, a_contract: int, b_contract: int,
+                 preferred_element_type=None) -> Array:
   """Matmul of B x H x . x . stacks, batched over the leading (B, H) axes."""
-  return lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))))
+  return lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))),
+                         preferred_element_type=preferred_element_type)
 
 
 def _attention_probs(q_BxHxLxK, k_BxHxTxK):
-  logits_BxHxLxT = _head_matmul(q_BxHxLxK, k_BxHxTxK, 3, 3).astype(jnp.float32)
+  # Logits accumulated and normalised in float32 whatever the compute dtype.
+  logits_BxHxLxT = _head_matmul(q_BxHxLxK, k_BxHxTxK, 3, 3, jnp.float32)
   return jax.nn.softmax(logits_BxHxLxT, axis=-1)
 
 
@@ -207,7 +210,7 @@ def _attention_bwd(rate, residuals, g_BxHxLxK):
   dtype = v_BxHxTxK.dtype
   dropped_BxHxLxT = _maybe_drop(p_BxHxLxT, key, rate).astype(dtype)
   dv_BxHxTxK = _head_matmul(dropped_BxHxLxT, g_BxHxLxK, 2, 2)
-  d_dropped_BxHxLxT = _head_matmul(g_BxHxLxK, v_BxHxTxK, 3, 3).astype(jnp.float32)
+  d_dropped_BxHxLxT = _head_matmul(g_BxHxLxK, v_BxHxTxK, 3, 3, jnp.float32)
   dp_BxHxLxT = _maybe_drop(d_dropped_BxHxLxT, key, rate)
   dlogits_BxHxLxT = p_BxHxLxT * (dp_BxHxLxT - jnp.sum(dp_BxHxLxT * p_BxHxLxT, -1,
                                                       keepdims=True))

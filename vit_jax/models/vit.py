@@ -17,14 +17,19 @@ and returns float32 logits:
   extra["pre_logits"]         # B x F pooled features fed to the head
   extra["attention_weights"]  # tuple over layers of B x heads x tokens x tokens
 
-`kernels` picks how the layers are computed, the only place that looks at the backend:
-"xla" runs plain linen layers and `jax.nn.dot_product_attention` (the accelerator path),
-"cpu" the hand-written layers of `cpu_kernels.py`, "auto" the latter on CPU only. Both
-paths have the same parameters and give the same outputs to float rounding.
+`kernels` picks how the layers are computed (`resolve_kernels`, the only place that looks
+at the backend): "cpu" the hand-written layers of `cpu_kernels.py`; "xla" plain linen
+layers and XLA's attention; "cudnn" the same layers with cuDNN's fused (flash) attention;
+"auto" cpu on CPU, cudnn on a GPU where cuDNN takes the dtype and head size, else xla.
+Every path has the same parameters and gives the same outputs to float rounding.
+
+Reduced precision (`dtype=bfloat16`): parameters, LayerNorm statistics, softmax, the
+attention logits and the class logits are float32; the matmuls take bfloat16 inputs.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -37,14 +42,56 @@ from vit_jax.models import cpu_kernels
 Array = jax.Array
 Dtype = Any
 
-KERNELS = ("auto", "cpu", "xla")
+KERNELS = ("auto", "cpu", "xla", "cudnn")
 
 
-def uses_cpu_kernels(kernels: str) -> bool:
-  """Whether `kernels` ("auto", "cpu" or "xla") means the CPU layers on this backend."""
+def cudnn_attention_problem(dtype: Dtype, head_dim: int) -> str | None:
+  """Why cuDNN's fused attention cannot run this attention, or None when it can."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"it needs bfloat16 or float16 compute (got {jnp.dtype(dtype).name})"
+  if head_dim % 8 or head_dim > 128:
+    return f"it needs a head size that is a multiple of 8 and at most 128 (got {head_dim})"
+  return None
+
+
+def resolve_kernels(kernels: str, backend: str, dtype: Dtype, head_dim: int) -> str:
+  """"cpu", "xla" or "cudnn": what `kernels` means for this backend, dtype and head size."""
   if kernels not in KERNELS:
     raise ValueError(f"kernels={kernels!r}: use one of {KERNELS}.")
-  return kernels == "cpu" or (kernels == "auto" and jax.default_backend() == "cpu")
+  if kernels == "cudnn":
+    problem = ("it needs a GPU" if backend != "gpu"
+               else cudnn_attention_problem(dtype, head_dim))
+    if problem:
+      raise ValueError(f"kernels='cudnn' cannot run here: {problem}. Use kernels='auto'.")
+  if kernels != "auto":
+    return kernels
+  if backend == "cpu":
+    return "cpu"
+  if backend == "gpu" and cudnn_attention_problem(dtype, head_dim) is None:
+    return "cudnn"
+  return "xla"
+
+
+def dot_product_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array,
+                          implementation: str | None, pad_odd_length: bool) -> Array:
+  """softmax(q k^T / sqrt(K)) v by `jax.nn.dot_product_attention`.
+
+  cuDNN's training kernel is always given a bias operand, and then refuses odd sequence
+  lengths (65 tokens: a class token and 8 x 8 patches). `pad_odd_length` adds one token,
+  masked out of the keys and sliced off the output: the result is the unpadded one.
+  """
+  length = q_BxLxHxK.shape[1]
+  if not (pad_odd_length and length % 2):
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                        implementation=implementation)
+  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+  q_BxPxHxK, k_BxPxHxK, v_BxPxHxK = (jnp.pad(t, pad) for t in (q_BxLxHxK, k_BxLxHxK,
+                                                                v_BxLxHxK))
+  lengths_B = jnp.full((q_BxLxHxK.shape[0],), length, jnp.int32)
+  out_BxPxHxK = jax.nn.dot_product_attention(q_BxPxHxK, k_BxPxHxK, v_BxPxHxK,
+                                             key_value_seq_lengths=lengths_B,
+                                             implementation=implementation)
+  return out_BxPxHxK[:, :length]
 
 
 def _dense(features, *, cpu: bool, **kwargs) -> nn.Dense:
@@ -95,11 +142,11 @@ class MlpBlock(nn.Module):
   activate_output: bool  # The Keras origin applies GELU after the second Dense too.
   gelu_approximate: bool
   dtype: Dtype
-  cpu_kernels: bool
+  cpu: bool  # The layers of cpu_kernels.py.
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, train: bool) -> Array:
-    cpu = self.cpu_kernels
+    cpu = self.cpu
     dense = lambda features, name: _dense(  # noqa: E731
         features, cpu=cpu, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
@@ -135,24 +182,23 @@ class SelfAttention(nn.Module):
   q/k/v are num_heads x head_dim wide, which may differ from the residual width D
   (Keras MultiHeadAttention(num_heads=4, key_dim=64) in a 64-wide stream is 4 x 64).
   The attention weights are materialised only when asked for or dropped out; otherwise
-  the CPU path runs `cpu_kernels.self_attention` and the XLA path
-  `jax.nn.dot_product_attention`.
+  the CPU path runs `cpu_kernels.self_attention`, the others `dot_product_attention`.
   """
   num_heads: int
   head_dim: int
   dropout_rate: float
   dtype: Dtype
-  cpu_kernels: bool
+  kernels: str  # Resolved: "cpu", "xla" or "cudnn".
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, train: bool,
                return_weights: bool) -> tuple[Array, Array | None]:
-    cpu = self.cpu_kernels
+    cpu = self.kernels == "cpu"
     features = (self.num_heads, self.head_dim)
     projections = [_ProjectionParams(x_BxLxD.shape[-1], features, name=n)()
                    for n in ("query", "key", "value")]
     x_BxLxD = x_BxLxD.astype(self.dtype)
-    scale = 1.0 / np.sqrt(self.head_dim)
+    scale = float(1.0 / np.sqrt(self.head_dim))  # Weakly typed: bfloat16 stays bfloat16.
     weights_BxHxLxL = None
     if cpu and not return_weights:
       rate = self.dropout_rate if train else 0.0
@@ -165,13 +211,16 @@ class SelfAttention(nn.Module):
           dot_general(x_BxLxD, w.astype(self.dtype), (((2,), (0,)), ((), ())))
           + b.astype(self.dtype) for w, b in projections)
       if return_weights or (train and self.dropout_rate > 0):
-        logits_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK * scale, k_BxLxHxK)
-        weights_BxHxLxL = jax.nn.softmax(logits_BxHxLxL.astype(jnp.float32), axis=-1)
+        logits_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK * scale, k_BxLxHxK,
+                                    preferred_element_type=jnp.float32)
+        weights_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
         dropped_BxHxLxL = _dropout(self, weights_BxHxLxL, self.dropout_rate, train, cpu)
         out_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", dropped_BxHxLxL.astype(self.dtype),
                                  v_BxLxHxK)
       else:
-        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+        cudnn = self.kernels == "cudnn"
+        out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                            "cudnn" if cudnn else None, pad_odd_length=cudnn)
     out_BxLxD = nn.DenseGeneral(
         x_BxLxD.shape[-1], axis=(-2, -1), dtype=self.dtype,
         dot_general=cpu_kernels.dense_dot_general if cpu else None,
@@ -191,14 +240,14 @@ class Encoder1DBlock(nn.Module):
   mlp_activate_output: bool
   gelu_approximate: bool
   dtype: Dtype
-  cpu_kernels: bool
+  kernels: str  # Resolved: "cpu", "xla" or "cudnn".
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, drop_path_rate: Array | float, train: bool,
                return_weights: bool) -> tuple[Array, Array | None]:
-    cpu = self.cpu_kernels
+    cpu = self.kernels == "cpu"
     y_BxLxD, weights = SelfAttention(
-        self.num_heads, self.head_dim, self.attention_dropout_rate, self.dtype, cpu,
+        self.num_heads, self.head_dim, self.attention_dropout_rate, self.dtype, self.kernels,
         name="MultiHeadDotProductAttention_1")(
             _layer_norm("LayerNorm_0", self.dtype, cpu)(x_BxLxD), train, return_weights)
     if self.residual_dropout:
@@ -240,17 +289,18 @@ class Encoder(nn.Module):
   scan_layers: bool
   remat: bool
   dtype: Dtype
-  cpu_kernels: bool
+  kernels: str  # Resolved: "cpu", "xla" or "cudnn".
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, train: bool,
                return_weights: bool) -> tuple[Array, tuple[Array, ...]]:
+    cpu = self.kernels == "cpu"
     x_BxLxD = AddPositionEmbedding(name="posembed_input")(x_BxLxD)
     if self.residual_dropout:
-      x_BxLxD = _dropout(self, x_BxLxD, self.dropout_rate, train, self.cpu_kernels)
+      x_BxLxD = _dropout(self, x_BxLxD, self.dropout_rate, train, cpu)
     # Stochastic depth grows linearly with depth (DeiT/timm): 0 at the first block.
     rates_L = np.linspace(0.0, self.stochastic_depth_rate, self.depth, dtype=np.float32)
-    block_kwargs = dict(self.block_kwargs, dtype=self.dtype, cpu_kernels=self.cpu_kernels,
+    block_kwargs = dict(self.block_kwargs, dtype=self.dtype, kernels=self.kernels,
                         drop_path_enabled=self.stochastic_depth_rate > 0)
     block_cls = _ScannedBlock if self.scan_layers else Encoder1DBlock
     if self.remat:
@@ -270,7 +320,7 @@ class Encoder(nn.Module):
             x_BxLxD, float(rates_L[i]), train, return_weights)
         weights.append(w)
       weights = tuple(weights) if return_weights else ()
-    x_BxLxD = _layer_norm("encoder_norm", self.dtype, self.cpu_kernels)(x_BxLxD)
+    x_BxLxD = _layer_norm("encoder_norm", self.dtype, cpu)(x_BxLxD)
     return x_BxLxD, weights
 
 
@@ -302,7 +352,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32  # Compute dtype; parameters are always float32.
   scan_layers: bool = False  # Params then stacked under Transformer/encoderblock.
   remat: bool = False
-  kernels: str = "auto"  # "auto", "cpu" or "xla": see the module docstring.
+  kernels: str = "auto"  # "auto", "cpu", "xla" or "cudnn": see the module docstring.
 
   @nn.compact
   def __call__(self, images_BxHxWxC: Array, *, train: bool,
@@ -317,7 +367,9 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"pool={self.pool!r}: use one of 'token', 'gap', 'flatten'.")
     if self.pool == "token" and not self.class_token:
       raise ValueError("pool='token' needs class_token=True; use pool='gap' or 'flatten'.")
-    cpu = uses_cpu_kernels(self.kernels)
+    head_dim = self.head_dim or self.width // self.num_heads
+    kernels = resolve_kernels(self.kernels, jax.default_backend(), self.dtype, head_dim)
+    cpu = kernels == "cpu"
     x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
                 dtype=self.dtype, name="embedding")(images_BxHxWxC.astype(self.dtype))
@@ -328,7 +380,7 @@ class VisionTransformer(nn.Module):
       x_BxNxD = jnp.concatenate(
           [jnp.broadcast_to(cls_1x1xD.astype(x_BxNxD.dtype), (b, 1, d)), x_BxNxD], axis=1)
     block_kwargs = dict(
-        num_heads=self.num_heads, head_dim=self.head_dim or self.width // self.num_heads,
+        num_heads=self.num_heads, head_dim=head_dim,
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         residual_dropout=self.residual_dropout,
@@ -336,7 +388,7 @@ class VisionTransformer(nn.Module):
         gelu_approximate=self.gelu_approximate)
     x_BxNxD, weights = Encoder(
         self.depth, block_kwargs, self.dropout_rate, self.residual_dropout,
-        self.stochastic_depth_rate, self.scan_layers, self.remat, self.dtype, cpu,
+        self.stochastic_depth_rate, self.scan_layers, self.remat, self.dtype, kernels,
         name="Transformer")(x_BxNxD, train, return_intermediates)
 
     if self.pool == "token":
@@ -354,8 +406,14 @@ class VisionTransformer(nn.Module):
       x_BxF = jnp.tanh(_dense(self.representation_size, cpu=cpu, dtype=self.dtype,
                               name="pre_logits")(x_BxF))
     head_init = nn.initializers.zeros if self.zero_head_init else nn.initializers.lecun_normal()
-    logits_BxK = _dense(self.num_classes, cpu=cpu, dtype=self.dtype, kernel_init=head_init,
-                        name="head")(x_BxF).astype(jnp.float32)
+    if jnp.dtype(self.dtype) == jnp.float32:
+      head = _dense(self.num_classes, cpu=cpu, dtype=self.dtype, kernel_init=head_init,
+                    name="head")
+    else:  # Reduced precision: the logits are accumulated in float32.
+      head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=head_init, name="head",
+                      dot_general=functools.partial(jax.lax.dot_general,
+                                                    preferred_element_type=jnp.float32))
+    logits_BxK = head(x_BxF).astype(jnp.float32)
     if return_intermediates:
       return logits_BxK, {"pre_logits": x_BxF.astype(jnp.float32),
                           "attention_weights": weights}

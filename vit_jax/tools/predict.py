@@ -5,8 +5,9 @@ r"""Top-5 predictions for image files, from nothing but a training workdir.
 Each file goes through the evaluation pipeline: decoded with PIL as image folders are
 (`vit_jax.data.decode`), converted to the channels the model was trained on (run.json
 `image_shape`: L for 1, RGB for 3), resized on the host to the stored size, then
-`augment.eval_preprocess` and the model, in batches under one jitted program. Files that cannot be read are reported by
-name and skipped; the command fails only when none could be read.
+`augment.eval_preprocess` and the model, in batches under one jitted program. Files that
+cannot be read are reported by name and skipped; the command fails only when none could be
+read.
 
 Public API:
   predict_files(workdir, images, which="best", fmt="table") -> list of result dicts

@@ -114,17 +114,20 @@ def _base_optimizer(config: ml_collections.ConfigDict,
   """AdamW or SGD with weight decay, as described in the module docstring."""
   opt = config.optim
   mask = weight_decay_mask if opt.decay_kernels_only else None
+  mu_dtype = jnp.dtype(opt.mu_dtype)
   if opt.name == "sgd":
     return optax.chain(optax.add_decayed_weights(opt.weight_decay, mask),
-                       optax.sgd(schedule, momentum=opt.momentum or None, nesterov=False))
+                       optax.sgd(schedule, momentum=opt.momentum or None, nesterov=False,
+                                 accumulator_dtype=mu_dtype))
   if opt.name != "adamw":
     raise ValueError(f"config.optim.name={opt.name!r}: expected 'adamw' or 'sgd'.")
   if opt.weight_decay_mode == "decoupled_lr":
-    return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+    return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, mu_dtype=mu_dtype,
                        weight_decay=opt.weight_decay, mask=mask)
   if opt.weight_decay_mode == "decoupled":
     # Descent direction lr_t * u_t + wd * w, negated last: the decay skips the lr scaling.
-    return optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+    return optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                                           mu_dtype=mu_dtype),
                        optax.scale_by_learning_rate(schedule, flip_sign=False),
                        optax.add_decayed_weights(opt.weight_decay, mask),
                        optax.scale(-1.0))
