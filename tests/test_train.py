@@ -133,21 +133,52 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _two_processes(command) -> list[str]:
+  """Runs command(i) as process i of 2 (4 CPU devices each); their outputs."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [*command(i), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=REPO, env=env_with(4), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  return outputs
+
+
+def test_a_workdir_the_processes_do_not_share_is_refused(fashion_mnist_dirs, tmp_path):
+  # Each process given its own folder (a relative path from two other folders): as if
+  # each host wrote to its local disk.
+  for i in range(2):
+    (tmp_path / f"host{i}").mkdir()
+  port = _free_port()
+  command = [arg.replace("configs/", f"{REPO}/configs/")
+             for arg in main_command("run", fashion_mnist_dirs)]
+  procs = [subprocess.Popen(
+      [*command, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=tmp_path / f"host{i}", env=env_with(4),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 1, err[-2000:]
+    assert err.splitlines()[-1] == (
+        "ERROR: --workdir=run is not shared by the 2 processes: process(es) 1 cannot see "
+        "the file process 0 wrote there. A multi-host run needs one folder every host sees: "
+        "a shared file system (NFS, a mounted bucket) or a gs:// path, given as an absolute "
+        "path."), err[-2000:]
+  assert not list((tmp_path / "host1").iterdir())  # Nothing written where it was refused.
+
+
 def test_two_processes_match_one_process(fashion_mnist_dirs, tmp_path):
   overrides = ["--config.total_steps=6", "--config.checkpoint_every_steps=6",
                "--config.eval_every_steps=6"]
   one = tmp_path / "one"
   run(main_command(one, fashion_mnist_dirs, *overrides), devices=8)
 
-  two = tmp_path / "two"
-  port = _free_port()
-  procs = [subprocess.Popen(
-      main_command(two, fashion_mnist_dirs, *overrides, f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={i}"),
-      cwd=REPO, env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  # Two processes on an unprepared data_dir: process 0 prepares it, the other waits.
+  two, fresh = tmp_path / "two", (fashion_mnist_dirs[0], str(tmp_path / "tfds"))
+  outputs = _two_processes(lambda i: main_command(two, fresh, *overrides))
+  assert sum(out.count("Preparing fashion_mnist") for out in outputs) == 1, outputs
+  assert "Process 1 of 2 (flags): 4 of 8 devices." in outputs[1]
 
   rows_one, rows_two = metric_rows(one), metric_rows(two)
   assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]

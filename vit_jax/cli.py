@@ -9,8 +9,9 @@ r"""The vit_jax command line: train, eval, predict, visualize, export, bench.
 `--config` takes a recipe file (configs/NAME.py[:ARG]) or the name of an installed recipe
 (NAME[:ARG]: cifar100, cifar10, fashion_mnist, imagenet, finetune).
 
-Multi-host: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I to
-every process (found automatically on TPU pods and SLURM).
+Multi-host: the same command on every host. Under SLURM, Open MPI, on Cloud TPU VMs or
+with JAX_COORDINATOR_ADDRESS set, the processes find each other; elsewhere add
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
 """
 from __future__ import annotations
 
@@ -64,7 +65,12 @@ def _run(argv: list[str]) -> None:
   # The modes are imported when chosen: importing jax is slow, and bench mode must run
   # where TFDS and TensorFlow are not installed.
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  joined = parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value)
+  if joined:
+    import jax  # pylint: disable=g-import-not-at-top
+    print(f"Process {jax.process_index()} of {jax.process_count()} ({joined}): "
+          f"{jax.local_device_count()} of {jax.device_count()} devices.", flush=True)
   mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
   if workdir is None and mode != "bench":
     raise app.UsageError(f"--mode={mode} needs --workdir=DIR.")

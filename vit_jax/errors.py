@@ -36,6 +36,10 @@ class WorkdirMismatchError(UserError, ValueError):
   """The workdir holds a run of another model or dataset."""
 
 
+class WorkdirNotSharedError(UserError, RuntimeError):
+  """The processes of a multi-host run do not all see the same workdir."""
+
+
 class NoRunError(UserError, FileNotFoundError):
   """The workdir holds no training run, or not yet what was asked for: train first."""
 

@@ -1,9 +1,14 @@
 """Device mesh, shardings and multi-host start-up.
 
 One mesh axis, "data": batches are split along it; parameters are replicated over it,
-or split along it too when FSDP is on (see `tree_shardings`).
+or split along it too when FSDP is on (see `tree_shardings`). Under FSDP the model pins
+its activations to the batch axis at block boundaries (`constrain_batch`), so that the
+compiled step holds parameter all-gathers and gradient reductions only.
 """
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import jax
 import numpy as np
@@ -13,19 +18,44 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vit_jax import errors
 
 DATA_AXIS = "data"
+# FSDP leaves smaller than this (biases, LayerNorm scales, small heads) replicated: each
+# split leaf costs an all-gather and a gradient reduction per step, whatever its size, and
+# small split leaves made XLA move activations between devices (all-to-alls) instead.
+FSDP_MIN_ELEMENTS = 4096
+
+
+def detect_cluster(environ=os.environ) -> str | None:
+  """The cluster job this process is one of several processes of, from its environment
+  (the variables jax.distributed reads to find the others), or None."""
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+           "SLURM_LOCALID")
+  if all(k in environ for k in slurm) and int(environ["SLURM_NTASKS"]) > 1:
+    return "SLURM"
+  if "OMPI_MCA_orte_hnp_uri" in environ and int(environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
+    return "Open MPI"
+  if environ.get("JAX_COORDINATOR_ADDRESS"):  # Kubernetes JobSets and hand-made launchers.
+    return "JAX_COORDINATOR_ADDRESS"
+  if (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")) and (
+      importlib.util.find_spec("libtpu") is not None):
+    return "Cloud TPU"  # jax.distributed asks the TPU VM's metadata server for the rest.
+  return None
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-  """Joins the processes of a multi-host run; a no-op for one process.
-
-  With no arguments on a TPU pod or under SLURM, JAX finds the cluster itself.
+                           process_id: int | None) -> str | None:
+  """Joins the processes of a multi-host run: by the flags when given, else where
+  `detect_cluster` finds a cluster (JAX then finds the coordinator, process count and
+  index itself); a single process stays as it is. Returns how it was joined, or None.
   """
-  if coordinator_address or num_processes or process_id is not None:
-    # CPU processes need a collectives backend to exchange data (GPUs/TPUs have their own).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+  how = ("flags" if coordinator_address or num_processes or process_id is not None
+         else detect_cluster())
+  if how is None:
+    return None
+  # CPU processes need a collectives backend to exchange data (GPUs/TPUs have their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return how
 
 
 def make_mesh() -> Mesh:
@@ -54,9 +84,10 @@ def check_batch_divides(batch_size: int, what: str = "config.batch_size") -> Non
 
 
 def _leaf_sharding(shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> NamedSharding:
-  """FSDP splits a leaf's largest axis that divides by the device count; else replicate."""
+  """FSDP splits a leaf's largest axis that divides by the device count (leaves of at
+  least FSDP_MIN_ELEMENTS); everything else is replicated."""
   n = mesh.shape[DATA_AXIS]
-  if fsdp and n > 1:
+  if fsdp and n > 1 and int(np.prod(shape)) >= FSDP_MIN_ELEMENTS:
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
       if shape[axis] % n == 0 and shape[axis] >= n:
         spec = [None] * len(shape)
@@ -69,6 +100,25 @@ def tree_shardings(abstract_tree, mesh: Mesh, fsdp: bool):
   """Shardings for parameters and optimiser state (replicated, or FSDP-split)."""
   return jax.tree_util.tree_map(lambda x: _leaf_sharding(tuple(x.shape), mesh, fsdp),
                                 abstract_tree)
+
+
+def traced_over(mesh: Mesh):
+  """A context for tracing a step that runs over `mesh`: `constrain_batch` in the model then
+  knows the data axis (inside jax.jit, where jax.set_mesh cannot be used)."""
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins x's leading (batch) axis to the data axis of the mesh the step is traced over.
+
+  With FSDP the parameters are split over the same axis as the batch; left free, XLA
+  moved activations between devices (all-to-alls) instead of gathering the parameters.
+  A no-op outside `traced_over` (evaluation of a lone model, tests of the model).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(DATA_AXIS))
 
 
 def to_host(x) -> np.ndarray:

@@ -24,11 +24,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vit_jax import errors
+from vit_jax import errors, parallel
 from vit_jax.data import decode
 from vit_jax.data.sources import ArraySource, Source, StreamingSource
 
@@ -38,7 +39,7 @@ _READ_CHUNK = 4096  # Examples per tf.data batch when reading a split into memor
 
 
 def load(config: ml_collections.ConfigDict, split: str) -> Source:
-  builder = _prepared_builder(config)
+  builder = _prepared_once(config)
   info = builder.info
   num_examples = _split_size(builder, split)
   image_key, label_key = _supervised_keys(info)
@@ -74,6 +75,17 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   raise errors.DataError(f"Unknown dataset {config.dataset!r}.{hint} Set config.dataset to a "
                    "TFDS name (tfds.list_builders()) or to 'folder' for an image folder "
                    "in config.data_dir.")
+
+
+def _prepared_once(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """`_prepared_builder` in a multi-process run: process 0 prepares the dataset while the
+  others wait, then all read it (in a shared data_dir, at once: no two processes write
+  the same files; in a local one, each host's own copy is then made by its process)."""
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      _prepared_builder(config)
+    parallel.sync(f"prepared {config.dataset}")
+  return _prepared_builder(config)
 
 
 def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

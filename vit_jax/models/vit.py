@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import parallel
 from vit_jax.models import cpu_kernels
 
 Array = jax.Array
@@ -259,7 +260,7 @@ class Encoder1DBlock(nn.Module):
                            _layer_norm("LayerNorm_2", self.dtype, cpu)(x_BxLxD), train)
     x_BxLxD = x_BxLxD + _drop_path(self, y_BxLxD, drop_path_rate, train,
                                    self.drop_path_enabled)
-    return x_BxLxD, weights
+    return parallel.constrain_batch(x_BxLxD), weights
 
 
 class _ScannedBlock(Encoder1DBlock):
@@ -295,7 +296,7 @@ class Encoder(nn.Module):
   def __call__(self, x_BxLxD: Array, train: bool,
                return_weights: bool) -> tuple[Array, tuple[Array, ...]]:
     cpu = self.kernels == "cpu"
-    x_BxLxD = AddPositionEmbedding(name="posembed_input")(x_BxLxD)
+    x_BxLxD = parallel.constrain_batch(AddPositionEmbedding(name="posembed_input")(x_BxLxD))
     if self.residual_dropout:
       x_BxLxD = _dropout(self, x_BxLxD, self.dropout_rate, train, cpu)
     # Stochastic depth grows linearly with depth (DeiT/timm): 0 at the first block.
@@ -321,7 +322,7 @@ class Encoder(nn.Module):
         weights.append(w)
       weights = tuple(weights) if return_weights else ()
     x_BxLxD = _layer_norm("encoder_norm", self.dtype, cpu)(x_BxLxD)
-    return x_BxLxD, weights
+    return parallel.constrain_batch(x_BxLxD), weights
 
 
 class VisionTransformer(nn.Module):

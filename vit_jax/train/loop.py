@@ -46,11 +46,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     other errors.UserError kinds for config, data and workdir mistakes.
   """
   # --------------------------------------------------------------------------- Mesh
-  config_lib.validate(config)
+  _check_before_starting(config, workdir)
   mesh = parallel.make_mesh()
-  parallel.check_batch_divides(config.batch_size)
-  parallel.check_batch_divides(config.eval_batch_size, "config.eval_batch_size")
-  os.makedirs(workdir, exist_ok=True)
 
   # -------------------------------------------------------------------------- Input
   train_source = data.load_source(config, config.train_split)
@@ -169,6 +166,16 @@ class _Run:
   metrics: _StepMetrics
   last_saved: int | None  # The newest checkpoint's step.
   last_eval: dict = dataclasses.field(default_factory=dict)
+
+
+def _check_before_starting(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """What can be wrong before any data or checkpoint is read: the config, the batch sizes
+  against the devices, a workdir the processes of a multi-host run do not share."""
+  config_lib.validate(config)
+  parallel.check_batch_divides(config.batch_size)
+  parallel.check_batch_divides(config.eval_batch_size, "config.eval_batch_size")
+  workdir_lib.check_shared(workdir)
+  os.makedirs(workdir, exist_ok=True)
 
 
 def _start_or_resume(config, workdir: str, state, restored: checkpoints.Restored | None,

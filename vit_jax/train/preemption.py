@@ -4,8 +4,8 @@ The step under way finishes, a checkpoint is saved and `Preempted` is raised: a
 SystemExit with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as if
 the signal had ended the process, so that schedulers and shell scripts see an unfinished
 job and restart it (exit 0 would tell a Kubernetes Job or a `train && export` chain it was
-done). A second signal stops at once (the checkpoints already saved are kept). Multi-host
-runs leave SIGTERM to JAX's preemption service, which picks one step for all processes.
+done). A second signal stops at once (the checkpoints already saved are kept). All the
+processes of a multi-host run stop at the same step (see StopSignal).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import signal
 import threading
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 
@@ -27,17 +28,21 @@ class Preempted(SystemExit):
 class StopSignal:
   """SIGTERM/SIGINT ask the loop to checkpoint and exit at the next step boundary.
 
-  In a multi-host run every process must stop at the same step, so SIGTERM is left to
-  JAX's preemption service (which catches it and agrees on a step) and SIGINT keeps its
-  default (KeyboardInterrupt: the run resumes from its last regular checkpoint).
+  Every process of a multi-host run must stop at the same step. With a distributed client
+  SIGTERM is left to JAX's preemption service (which catches it and agrees on a step) and
+  SIGINT keeps its default (KeyboardInterrupt: the run resumes from its last regular
+  checkpoint). Without one (several TPU hosts run without jax.distributed), each process
+  catches the signals itself and the processes agree at every step on whether any got one.
   """
 
   def __init__(self):
     self.received: str | None = None
     self._previous = {}
-    self._multihost = jax.process_count() > 1
+    multihost = jax.process_count() > 1
+    self._service = multihost and jax.distributed.is_initialized()
+    self._agree = multihost and not self._service
     # Handlers can only be set from the main thread; elsewhere signals act by default.
-    if not self._multihost and threading.current_thread() is threading.main_thread():
+    if not self._service and threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -51,12 +56,16 @@ class StopSignal:
     self.received = signal.Signals(signum).name
 
   def should_stop(self, step: int) -> bool:
-    if self._multihost:
+    if self._service:
       try:
         if multihost_utils.reached_preemption_sync_point(step):
           self.received = "SIGTERM"
       except RuntimeError:  # The preemption service is off: signals act by default.
         pass
+    elif self._agree:
+      got = multihost_utils.process_allgather(np.int32(self.received is not None))
+      if np.any(got) and self.received is None:
+        self.received = "SIGTERM"  # Another process's: the schedulers' preemption signal.
     return self.received is not None
 
   def restore(self) -> None:

@@ -61,6 +61,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.VisionTrans
   mean_C, std_C = jnp.asarray(mean_C, jnp.float32), jnp.asarray(std_C, jnp.float32)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    with parallel.traced_over(mesh):
+      return _train_step(state, batch)
+
+  def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     aug_key, dropout_key = jax.random.split(step_key)
     images_BxSxSxC, targets_BxK = augment.train_preprocess(

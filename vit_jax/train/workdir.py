@@ -16,6 +16,7 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vit_jax import errors, models, parallel
 from vit_jax.train import checkpoints, optim, state as state_lib
@@ -109,6 +110,37 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def load_run(workdir: str) -> dict:
   with open(_run_file(workdir, "run.json"), encoding="utf-8") as f:
     return json.load(f)
+
+
+def check_shared(workdir: str) -> None:
+  """Refuses a multi-process run whose processes do not all see the same workdir.
+
+  Orbax checkpoints of a multi-host run are written by all processes together into one
+  folder: a workdir on each host's local disk would leave each with a part. Process 0
+  writes a token file, the others must read it back.
+  """
+  if jax.process_count() == 1:
+    return
+  token = multihost_utils.broadcast_one_to_all(
+      np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0
+      else np.zeros(2, np.uint32))
+  path = os.path.join(workdir, f".shared-check-{int(token[0]):08x}{int(token[1]):08x}")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write("vit_jax")
+  parallel.sync("shared-check written")
+  seen = multihost_utils.process_allgather(np.int32(os.path.exists(path)))
+  parallel.sync("shared-check read")
+  if jax.process_index() == 0:
+    os.remove(path)
+  blind = [i for i, ok in enumerate(np.ravel(seen)) if not ok]
+  if blind:
+    raise errors.WorkdirNotSharedError(
+        f"--workdir={workdir} is not shared by the {jax.process_count()} processes: "
+        f"process(es) {', '.join(map(str, blind))} cannot see the file process 0 wrote "
+        "there. A multi-host run needs one folder every host sees: a shared file system "
+        "(NFS, a mounted bucket) or a gs:// path, given as an absolute path.")
 
 
 def start_over(workdir: str) -> None:

@@ -1,0 +1,148 @@
+"""parallel.py: FSDP trains like data parallelism, and its compiled step communicates only
+by gathering parameters and reducing gradients."""
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import config as config_lib, parallel
+from vit_jax.train import optim, state as state_lib, steps
+
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                "collective-permute")
+
+
+def _built(fsdp: bool, width: int = 64):
+  config = config_lib.get_base_config()
+  config.model.overrides.update(dict(width=width, depth=2, num_heads=2, mlp_dim=2 * width))
+  config.total_steps, config.fsdp, config.batch_size = 10, fsdp, 16
+  config.optim.warmup_steps = 0
+  mesh = parallel.make_mesh()
+  model = state_lib.build_model(config, 10)
+  shape = (32, 32, 3)
+  abstract = jax.eval_shape(lambda: state_lib.init_params(model, 0, shape))
+  tx = optim.make_optimizer(config, abstract)
+  state, shardings = state_lib.create_state(model, tx, mesh, seed=0, image_shape_HWC=shape,
+                                            fsdp=fsdp)
+  step = steps.make_train_step(config, model, tx, mesh, shardings, num_classes=10,
+                               mean_C=np.full(3, 127.0, np.float32),
+                               std_C=np.full(3, 70.0, np.float32))
+  return mesh, state, step
+
+
+def _batch(mesh, seed):
+  rng = np.random.default_rng(seed)
+  sharding = parallel.batch_sharding(mesh)
+  return {"image": jax.device_put(rng.integers(0, 256, (16, 32, 32, 3), np.uint8), sharding),
+          "label": jax.device_put(rng.integers(0, 10, (16,)).astype(np.int32), sharding)}
+
+
+def _collectives(text: str) -> dict[str, list[str]]:
+  """Output shapes of each kind of collective in compiled HLO text."""
+  found = {op: [] for op in _COLLECTIVES}
+  for line in text.splitlines():
+    match = re.search(r"= (.+?) (" + "|".join(_COLLECTIVES) + r")(?:-start)?\(", line)
+    if match:
+      found[match.group(2)].append(match.group(1))
+  return found
+
+
+def test_fsdp_splits_large_leaves_and_trains_like_data_parallel():
+  results = {}
+  for fsdp in (False, True):
+    mesh, state, step = _built(fsdp)
+    specs = {jax.tree_util.keystr(p): x.sharding.spec
+             for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    for _ in range(2):
+      state, metrics = step(state, _batch(mesh, 0))
+    results[fsdp] = (specs, jax.device_get(state.params), float(metrics["loss"]))
+  (dp_specs, dp_params, dp_loss), (fsdp_specs, fsdp_params, fsdp_loss) = (results[False],
+                                                                         results[True])
+  assert all(spec == jax.sharding.PartitionSpec() for spec in dp_specs.values())
+  kernel = "['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel']"  # 64 x 128.
+  assert fsdp_specs[kernel] == jax.sharding.PartitionSpec(None, "data")
+  bias = "['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['bias']"  # 128 < 4096.
+  assert fsdp_specs[bias] == jax.sharding.PartitionSpec()
+  np.testing.assert_allclose(fsdp_loss, dp_loss, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(dp_params), jax.tree_util.tree_leaves(fsdp_params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_the_step_communicates_by_parameter_gathers_and_gradient_reductions_only(fsdp):
+  mesh, state, step = _built(fsdp)
+  text = step.lower(state, _batch(mesh, 0)).compile().as_text()
+  found = _collectives(text)
+  # Activations never move between devices: no all-to-all, no permute.
+  assert not found["all-to-all"] and not found["collective-permute"], found
+  assert found["all-reduce"]  # The gradient reduction (CPU XLA writes reduce-scatters so).
+  # Gathered: parameters (as stored, or reshaped), or the CPU layers' q/k/v kernels side
+  # by side; never anything with the batch axis (16).
+  sizes = {x.size for x in jax.tree_util.tree_leaves(state.params)}
+  qkv = 3 * state.params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"][
+      "query"]["kernel"].size
+  gathered = [tuple(int(d) for d in re.findall(r"\d+", shape.split("{")[0][4:]))
+              for shape in found["all-gather"]]
+  if fsdp:
+    assert gathered and all(16 not in shape and np.prod(shape) in sizes | {qkv}
+                            for shape in gathered), (gathered, sizes)
+  else:
+    assert not gathered, gathered
+
+
+# --- Cluster start-up -------------------------------------------------------------------------
+
+
+SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+         "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("environ,cluster", [
+    ({}, None),
+    (SLURM, "SLURM"),
+    ({**SLURM, "SLURM_NTASKS": "1"}, None),  # One task: nothing to join.
+    ({k: v for k, v in SLURM.items() if k != "SLURM_PROCID"}, None),  # Not a job step.
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:4000", "OMPI_COMM_WORLD_SIZE": "4"},
+     "Open MPI"),
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:4000", "OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
+])
+def test_clusters_are_detected_from_the_environment(environ, cluster):
+  assert parallel.detect_cluster(environ) == cluster
+
+
+def test_processes_join_by_flags_else_by_the_cluster_else_not_at_all(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(jax.config, "update", lambda *args: None)
+  monkeypatch.setattr(parallel, "detect_cluster", lambda: None)
+  assert parallel.initialize_distributed(None, None, None) is None and calls == []
+  assert parallel.initialize_distributed("h:1", 2, 0) == "flags"
+  assert calls.pop() == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
+  monkeypatch.setattr(parallel, "detect_cluster", lambda: "SLURM")
+  assert parallel.initialize_distributed(None, None, None) == "SLURM"
+  # JAX finds the coordinator, process count and index itself.
+  assert calls.pop() == {"coordinator_address": None, "num_processes": None,
+                         "process_id": None}
+
+
+def test_processes_without_a_distributed_client_agree_to_stop(monkeypatch):
+  import signal
+  from jax.experimental import multihost_utils
+  from vit_jax.train import preemption
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  others = [0]
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda flag: np.array([int(flag), others[0]]))
+  stop = preemption.StopSignal()
+  try:
+    # Its own handler (no preemption service to leave SIGTERM to).
+    assert signal.getsignal(signal.SIGTERM) == stop._handle
+    assert not stop.should_stop(1)
+    others[0] = 1  # The other process got SIGTERM: this one stops at the same step.
+    assert stop.should_stop(2) and stop.received == "SIGTERM"
+  finally:
+    stop.restore()
+  assert signal.getsignal(signal.SIGTERM) != stop._handle
