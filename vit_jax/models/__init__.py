@@ -1,7 +1,9 @@
-"""The ViT model: `vit` (linen modules and the registry), `cpu_kernels` (the CPU layers
-behind the `kernels` switch) and `convert` (published checkpoint layouts)."""
-from vit_jax.models.vit import (KERNELS, ModelSpec, VisionTransformer, count_params,
-                                create_model, get_spec, list_models, uses_cpu_kernels)
+"""The ViT model: `vit` (linen modules), `registry` (named models), `cpu_kernels` (the CPU
+layers behind the `kernels` switch), `convert` (published checkpoint layouts) and `hub`
+(published checkpoints by name or URL, downloaded once into a cache)."""
+from vit_jax.models.registry import (ModelSpec, count_params, create_model, get_spec,
+                                     list_models)
+from vit_jax.models.vit import KERNELS, VisionTransformer, uses_cpu_kernels
 
 __all__ = ["KERNELS", "ModelSpec", "VisionTransformer", "count_params", "create_model",
            "get_spec", "list_models", "uses_cpu_kernels"]
