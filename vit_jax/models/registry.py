@@ -40,6 +40,10 @@ _REGISTRY: dict[str, ModelSpec] = {
     # Small-image variants for 32 px data: 8 x 8 = 64 patches of 4 x 4.
     "ViT-Ti/4": _vit(*_SIZES["Ti"], patch=4, image_size=32),
     "ViT-S/4": _vit(*_SIZES["S"], patch=4, image_size=32),
+    # The shape-optimised 400M ViT of SigLIP (Alabdulmohsin et al. 2023; big_vision
+    # "So400m"): MAP head, no class token, as its image towers.
+    "ViT-So400m/14": _vit(1152, 27, 16, 4304, patch=14, image_size=224, class_token=False,
+                          pool="map"),
     # The Keras "Image classification with Vision Transformer" example: 72 px, patch 6
     # (144 tokens), width 64, 8 blocks, MultiHeadAttention(num_heads=4, key_dim=64),
     # block MLP [128, 64] with GELU on both, no class token, flatten -> [2048, 1024] -> K.

@@ -219,6 +219,26 @@ class _ScannedBlock(Encoder1DBlock):
     return super().__call__(x_BxLxD, drop_path_rate, train, return_weights)
 
 
+def posemb_sincos2d(height: int, width: int, features: int,
+                    temperature: float = 10_000.0) -> np.ndarray:
+  """big_vision's fixed 2-D sin-cos position embedding (MoCo v3): 1 x (H*W) x features.
+
+  Tokens in row-major order; the channels are [sin(x w), cos(x w), sin(y w), cos(y w)],
+  each features/4 wide, with x the column, y the row and w_k = temperature^(-k / (F/4 - 1)).
+  Computed in float64 and rounded once to float32.
+  """
+  if features % 4 or features < 8:
+    raise ValueError(f"posemb='sincos2d' needs a width that is a multiple of 4 and >= 8, "
+                     f"not {features}.")
+  y_HxW, x_HxW = np.mgrid[:height, :width].astype(np.float64)
+  quarter = features // 4
+  omega_Q = temperature ** -(np.arange(quarter) / (quarter - 1))
+  x_NxQ = x_HxW.reshape(-1, 1) * omega_Q
+  y_NxQ = y_HxW.reshape(-1, 1) * omega_Q
+  table_NxF = np.concatenate([np.sin(x_NxQ), np.cos(x_NxQ), np.sin(y_NxQ), np.cos(y_NxQ)], 1)
+  return table_NxF[None].astype(np.float32)
+
+
 class AddPositionEmbedding(nn.Module):
   """Learned position embedding, one vector per token (class token slot included)."""
 
@@ -240,11 +260,21 @@ class Encoder(nn.Module):
   remat: bool
   dtype: Dtype
   cpu_kernels: bool
+  learned_posemb: bool = True  # False: the caller added a fixed (sincos2d) embedding.
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, train: bool,
-               return_weights: bool) -> tuple[Array, tuple[Array, ...]]:
-    x_BxLxD = AddPositionEmbedding(name="posembed_input")(x_BxLxD)
+  def __call__(self, x_BxLxD: Array, train: bool, return_weights: bool,
+               registers_1xRxD: Array | None = None,
+               registers_at: int = 0) -> tuple[Array, tuple[Array, ...]]:
+    if self.learned_posemb:
+      x_BxLxD = AddPositionEmbedding(name="posembed_input")(x_BxLxD)
+    if registers_1xRxD is not None:
+      # Registers have no position (Darcet et al. 2023; timm): inserted after the table is
+      # added, between the class token and the patches.
+      registers_BxRxD = jnp.broadcast_to(registers_1xRxD.astype(x_BxLxD.dtype),
+                                         (x_BxLxD.shape[0], *registers_1xRxD.shape[1:]))
+      x_BxLxD = jnp.concatenate([x_BxLxD[:, :registers_at], registers_BxRxD,
+                                 x_BxLxD[:, registers_at:]], axis=1)
     if self.residual_dropout:
       x_BxLxD = _dropout(self, x_BxLxD, self.dropout_rate, train, self.cpu_kernels)
     # Stochastic depth grows linearly with depth (DeiT/timm): 0 at the first block.
@@ -273,6 +303,63 @@ class Encoder(nn.Module):
     return x_BxLxD, weights
 
 
+class _ProbeAttention(nn.Module):
+  """One query per example (the probe) attending over the tokens, with flax
+  MultiHeadDotProductAttention's `query/key/value/out` parameters (big_vision's MAP head).
+  Plain einsums on both kernel paths: one query row costs little."""
+  num_heads: int
+  dtype: Dtype
+  cpu_kernels: bool
+
+  @nn.compact
+  def __call__(self, probe_1x1xD: Array, x_BxNxD: Array) -> Array:
+    d = x_BxNxD.shape[-1]
+    head_dim = d // self.num_heads
+    (wq, bq), (wk, bk), (wv, bv) = [
+        _ProjectionParams(d, (self.num_heads, head_dim), name=n)()
+        for n in ("query", "key", "value")]
+    dot_general = cpu_kernels.dense_dot_general if self.cpu_kernels else jax.lax.dot_general
+    dims = (((2,), (0,)), ((), ()))
+    project = lambda x, w, b: (dot_general(x, w.astype(self.dtype), dims)  # noqa: E731
+                               + b.astype(self.dtype))
+    q_1x1xHxK = project(probe_1x1xD.astype(self.dtype), wq, bq)
+    k_BxNxHxK, v_BxNxHxK = (project(x_BxNxD, w, b) for w, b in ((wk, bk), (wv, bv)))
+    logits_BxHx1xN = jnp.einsum("qhk,bthk->bhqt", q_1x1xHxK[0] / np.sqrt(head_dim), k_BxNxHxK)
+    weights_BxHx1xN = jax.nn.softmax(logits_BxHx1xN.astype(jnp.float32), axis=-1)
+    out_Bx1xHxK = jnp.einsum("bhqt,bthk->bqhk", weights_BxHx1xN.astype(self.dtype), v_BxNxHxK)
+    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, dot_general=(
+        cpu_kernels.dense_dot_general if self.cpu_kernels else None),
+        kernel_init=nn.initializers.xavier_uniform(), name="out")(out_Bx1xHxK)
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling, big_vision's `MAPHead` (its ViTs with pool_type="map",
+  the SigLIP image towers): a learned probe attends over the tokens, then y + MLP(LN(y)).
+  Parameters `probe`, `MultiHeadDotProductAttention_0`, `LayerNorm_0`, `MlpBlock_0`."""
+  num_heads: int
+  mlp_dim: int
+  gelu_approximate: bool
+  dtype: Dtype
+  cpu_kernels: bool
+
+  @nn.compact
+  def __call__(self, x_BxNxD: Array) -> Array:
+    cpu = self.cpu_kernels
+    probe_1x1xD = self.param("probe", nn.initializers.xavier_uniform(),
+                             (1, 1, x_BxNxD.shape[-1]), jnp.float32)
+    y_Bx1xD = _ProbeAttention(self.num_heads, self.dtype, cpu,
+                              name="MultiHeadDotProductAttention_0")(
+                                  probe_1x1xD, x_BxNxD.astype(self.dtype))
+    mlp = MlpBlock(self.mlp_dim, 0.0, False, self.gelu_approximate, self.dtype, cpu,
+                   name="MlpBlock_0")
+    y_Bx1xD = y_Bx1xD + mlp(_layer_norm("LayerNorm_0", self.dtype, cpu)(y_Bx1xD), False)
+    return y_Bx1xD[:, 0]
+
+
+POOLS = ("token", "gap", "map", "flatten")
+POSEMBS = ("learned", "sincos2d")
+
+
 class VisionTransformer(nn.Module):
   """ViT: patches -> [cls] + position embedding -> encoder -> pool -> [MLP] -> head."""
   num_classes: int
@@ -283,7 +370,13 @@ class VisionTransformer(nn.Module):
   mlp_dim: int
   head_dim: int | None = None  # Attention width per head; None = width // num_heads.
   class_token: bool = True
-  pool: str = "token"  # "token" (class token), "gap" (mean of patch tokens), "flatten".
+  # "token" (class token), "gap" (mean of the patch tokens), "map" (MAPHead over the patch
+  # tokens), "flatten" (every token, concatenated).
+  pool: str = "token"
+  # "learned" (a table, class-token slot included) or "sincos2d" (big_vision's fixed
+  # table, added to the patches only).
+  posemb: str = "learned"
+  num_registers: int = 0  # Register tokens (`registers`, 1 x R x D) after the class token.
   head_hidden_dims: Sequence[int] = ()  # Hidden MLP head (the Keras origin: 2048, 1024).
   representation_size: int | None = None  # A `pre_logits` Dense + tanh before the head.
   dropout_rate: float = 0.0
@@ -306,26 +399,23 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images_BxHxWxC: Array, *, train: bool,
                return_intermediates: bool = False):
-    _, h, w, _ = images_BxHxWxC.shape
-    if h % self.patch_size or w % self.patch_size:
-      raise ValueError(
-          f"Image size {h}x{w} is not divisible by the patch size {self.patch_size}: set "
-          f"config.image_size to a multiple of {self.patch_size} (e.g. "
-          f"{h // self.patch_size * self.patch_size or self.patch_size}).")
-    if self.pool not in ("token", "gap", "flatten"):
-      raise ValueError(f"pool={self.pool!r}: use one of 'token', 'gap', 'flatten'.")
-    if self.pool == "token" and not self.class_token:
-      raise ValueError("pool='token' needs class_token=True; use pool='gap' or 'flatten'.")
+    self._check(images_BxHxWxC.shape)
     cpu = uses_cpu_kernels(self.kernels)
     x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
                 dtype=self.dtype, name="embedding")(images_BxHxWxC.astype(self.dtype))
     b, gh, gw, d = x.shape
     x_BxNxD = x.reshape(b, gh * gw, d)
+    if self.posemb == "sincos2d":  # Before the class token, which gets none (big_vision).
+      x_BxNxD = x_BxNxD + jnp.asarray(posemb_sincos2d(gh, gw, d), x_BxNxD.dtype)
     if self.class_token:
       cls_1x1xD = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
       x_BxNxD = jnp.concatenate(
           [jnp.broadcast_to(cls_1x1xD.astype(x_BxNxD.dtype), (b, 1, d)), x_BxNxD], axis=1)
+    registers_1xRxD = None
+    if self.num_registers:
+      registers_1xRxD = self.param("registers", nn.initializers.normal(stddev=0.02),
+                                   (1, self.num_registers, d), jnp.float32)
     block_kwargs = dict(
         num_heads=self.num_heads, head_dim=self.head_dim or self.width // self.num_heads,
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
@@ -333,17 +423,47 @@ class VisionTransformer(nn.Module):
         residual_dropout=self.residual_dropout,
         mlp_activate_output=self.mlp_activate_output,
         gelu_approximate=self.gelu_approximate)
-    x_BxNxD, weights = Encoder(
+    x_BxTxD, weights = Encoder(
         self.depth, block_kwargs, self.dropout_rate, self.residual_dropout,
         self.stochastic_depth_rate, self.scan_layers, self.remat, self.dtype, cpu,
-        name="Transformer")(x_BxNxD, train, return_intermediates)
+        learned_posemb=self.posemb == "learned", name="Transformer")(
+            x_BxNxD, train, return_intermediates, registers_1xRxD, int(self.class_token))
+    x_BxF = self._head_input(x_BxTxD, train, cpu)
+    head_init = nn.initializers.zeros if self.zero_head_init else nn.initializers.lecun_normal()
+    logits_BxK = _dense(self.num_classes, cpu=cpu, dtype=self.dtype, kernel_init=head_init,
+                        name="head")(x_BxF).astype(jnp.float32)
+    if return_intermediates:
+      return logits_BxK, {"pre_logits": x_BxF.astype(jnp.float32),
+                          "attention_weights": weights}
+    return logits_BxK
 
+  def _check(self, shape_BHWC: tuple[int, ...]) -> None:
+    _, h, w, _ = shape_BHWC
+    if h % self.patch_size or w % self.patch_size:
+      raise ValueError(
+          f"Image size {h}x{w} is not divisible by the patch size {self.patch_size}: set "
+          f"config.image_size to a multiple of {self.patch_size} (e.g. "
+          f"{h // self.patch_size * self.patch_size or self.patch_size}).")
+    if self.pool not in POOLS:
+      raise ValueError(f"pool={self.pool!r}: use one of {POOLS}.")
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"posemb={self.posemb!r}: use one of {POSEMBS}.")
+    if self.pool == "token" and not self.class_token:
+      raise ValueError("pool='token' needs class_token=True; use pool='gap', 'map' or "
+                       "'flatten'.")
+
+  def _head_input(self, x_BxTxD: Array, train: bool, cpu: bool) -> Array:
+    """Pooling, dropout, the hidden head layers and pre_logits: what the head reads."""
+    prefix = int(self.class_token) + self.num_registers  # Tokens before the patches.
     if self.pool == "token":
-      x_BxF = x_BxNxD[:, 0]
+      x_BxF = x_BxTxD[:, 0]
     elif self.pool == "gap":
-      x_BxF = x_BxNxD[:, int(self.class_token):].mean(axis=1)
+      x_BxF = x_BxTxD[:, prefix:].mean(axis=1)
+    elif self.pool == "map":
+      x_BxF = MAPHead(self.num_heads, self.mlp_dim, self.gelu_approximate, self.dtype, cpu,
+                      name="MAPHead_0")(x_BxTxD[:, prefix:])
     else:
-      x_BxF = x_BxNxD.reshape(b, -1)
+      x_BxF = x_BxTxD.reshape(x_BxTxD.shape[0], -1)
     x_BxF = _dropout(self, x_BxF, self.head_dropout_rate, train, cpu)
     for i, features in enumerate(self.head_hidden_dims):
       x_BxF = _gelu(_dense(features, cpu=cpu, dtype=self.dtype, name=f"head_hidden_{i}")(x_BxF),
@@ -352,10 +472,4 @@ class VisionTransformer(nn.Module):
     if self.representation_size:
       x_BxF = jnp.tanh(_dense(self.representation_size, cpu=cpu, dtype=self.dtype,
                               name="pre_logits")(x_BxF))
-    head_init = nn.initializers.zeros if self.zero_head_init else nn.initializers.lecun_normal()
-    logits_BxK = _dense(self.num_classes, cpu=cpu, dtype=self.dtype, kernel_init=head_init,
-                        name="head")(x_BxF).astype(jnp.float32)
-    if return_intermediates:
-      return logits_BxK, {"pre_logits": x_BxF.astype(jnp.float32),
-                          "attention_weights": weights}
-    return logits_BxK
+    return x_BxF
