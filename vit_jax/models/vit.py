@@ -5,6 +5,9 @@ Parameter names and shapes are those of the published ViT checkpoints
 `Transformer/encoderblock_{i}/{LayerNorm_0,MultiHeadDotProductAttention_1,LayerNorm_2,MlpBlock_3}`,
 `Transformer/encoder_norm`, `pre_logits`, `head`), so a published `.npz` maps onto the tree
 key for key. Child names are given explicitly wherever a checkpoint depends on the path.
+The variants add big_vision's names: `posemb="sincos2d"` computes its table (no
+`posembed_input`), `pool="map"` adds `MAPHead_0` (`probe`, `MultiHeadDotProductAttention_0`,
+`LayerNorm_0`, `MlpBlock_0`), `num_registers=R` adds `registers` (1 x R x D).
 
 The model takes images that are already normalised (`vit_jax.data.augment.eval_preprocess`)
 and returns float32 logits:
