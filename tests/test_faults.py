@@ -30,6 +30,7 @@ from PIL import Image, ImageFile
 
 from vit_jax import cli, config as config_lib, data, errors, models, parallel, train
 from vit_jax.data import decode
+from vit_jax.models import hub
 from vit_jax.tools import evaluate, predict
 from vit_jax.train import checkpoints, state as state_lib, workdir as workdir_lib
 
@@ -441,7 +442,13 @@ def set_key(config, dotted: str, value) -> None:
     ("model.overrides.dropout_rate", 1.5, "config.model.overrides.dropout_rate=1.5 is not "
      "allowed: use a number in [0, 1)."),
     ("model.overrides.pool", "max", "config.model.overrides.pool='max' is not allowed: use "
-     "one of ('token', 'gap', 'flatten')."),
+     "one of ('token', 'gap', 'map', 'flatten')."),
+    ("model.overrides.posemb", "rope", "config.model.overrides.posemb='rope' is not allowed: "
+     "use one of ('learned', 'sincos2d')."),
+    ("model.overrides.num_registers", -1, "config.model.overrides.num_registers=-1 is not "
+     "allowed: use an integer >= 0."),
+    ("init_from", "augreg:ViT-Q/16", "config.init_from='augreg:ViT-Q/16' is not a known "
+     f"checkpoint name: use one of {', '.join(hub.CHECKPOINTS)}, a URL or a path."),
     ("model.overrides.head_hidden_dims", (64, -1), "config.model.overrides.head_hidden_dims="
      "(64, -1) is not allowed: use a tuple of integers >= 1, e.g. (512,) or ()."),
     ("seed", -1, "config.seed=-1 is not allowed: use an integer in [0, 4294967295]."),
@@ -473,6 +480,11 @@ def test_config_errors_that_involve_two_keys():
   config.model.overrides.class_token = False
   with pytest.raises(errors.ConfigError, match=r"^config.model.overrides.pool='token' "
                      "needs class_token=True"):
+    config_lib.validate(config)
+  config = base_config()
+  config.model.overrides.posemb, config.model.overrides.width = "sincos2d", 4
+  with pytest.raises(errors.ConfigError, match=r"^config.model.overrides.posemb='sincos2d' "
+                     r"needs a width that is a multiple of 4 and >= 8, not 4\.$"):
     config_lib.validate(config)
   config = base_config()
   config.optim.warmup_steps, config.optim.warmup_epochs = 100, 2.0
@@ -727,7 +739,10 @@ _FUZZ_KEYS = {
     "model.overrides.mlp_dim": st.none() | st.integers(-1, 24),
     "model.overrides.head_dim": st.none() | st.integers(-1, 8),
     "model.overrides.dropout_rate": st.none() | st.floats(-1, 2),
-    "model.overrides.pool": st.none() | st.sampled_from(["token", "gap", "flatten", "max"]),
+    "model.overrides.pool": st.none() | st.sampled_from(["token", "gap", "map", "flatten",
+                                                          "max"]),
+    "model.overrides.posemb": st.none() | st.sampled_from(["learned", "sincos2d", "rope"]),
+    "model.overrides.num_registers": st.none() | st.integers(-1, 2),
     "model.overrides.class_token": st.none() | st.booleans(),
     "model.overrides.head_hidden_dims": st.none() | st.tuples(st.integers(-1, 8)),
     "model.overrides.representation_size": st.none() | st.integers(-1, 8),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vit_jax import models
-from vit_jax.models import cpu_kernels, vit
+from vit_jax.models import cpu_kernels, layers
 
 # Published counts (1000 classes, 224 px, class token, no pre_logits), from the ViT paper's
 # checkpoints; the small-image and Keras rows are derived in the comments below.
@@ -25,6 +25,9 @@ EXPECTED_PARAMS = {
     "ViT-S/4": 21_723_496,
     # Keras model.count_params() = 21,759,019, less Normalization's 7 statistics.
     "keras-example": 21_759_012,
+    # timm 1.0.31: vit_so400m_patch14_siglip_224 with num_classes=1000 (MAP head, no class
+    # token), counted from its architecture (pretrained=False).
+    "ViT-So400m/14": 428_833_704,
 }
 
 
@@ -131,9 +134,11 @@ def test_fused_and_explicit_attention_agree():
 @pytest.mark.parametrize("fields", [
     {}, {"class_token": False, "pool": "gap", "representation_size": 8},
     {"head_hidden_dims": (16,), "mlp_activate_output": True, "gelu_approximate": False,
-     "head_dim": 12, "class_token": False, "pool": "flatten"}])
+     "head_dim": 12, "class_token": False, "pool": "flatten"},
+    {"class_token": False, "pool": "map", "representation_size": 8},
+    {"posemb": "sincos2d", "num_registers": 2, "pool": "gap"}])
 def test_cpu_and_xla_kernels_give_the_same_logits_and_gradients(fields):
-  # One parameter tree, two implementations of the layers (models/vit.py's `kernels`).
+  # One parameter tree, two implementations of the layers (models/layers.py).
   cpu = _tiny(zero_head_init=False, kernels="cpu", **fields)
   xla = _tiny(zero_head_init=False, kernels="xla", **fields)
   variables, x = _init(cpu)
@@ -187,7 +192,7 @@ def test_padding_to_an_even_length_leaves_attention_unchanged(length):
   q, k, v = jax.random.normal(jax.random.key(0), (3, 2, length, 4, 16))
 
   def attend(q, k, v, pad):
-    return vit.dot_product_attention(q, k, v, None, pad_odd_length=pad)
+    return layers.dot_product_attention(q, k, v, None, pad_odd_length=pad)
 
   out, grads = jax.value_and_grad(lambda *a: jnp.sum(attend(*a, True) ** 2), (0, 1, 2))(q, k, v)
   ref, ref_grads = jax.value_and_grad(lambda *a: jnp.sum(attend(*a, False) ** 2),
@@ -227,6 +232,48 @@ def _all_eqns(jaxpr):
         inner = getattr(sub, "jaxpr", sub)
         if hasattr(inner, "eqns"):
           yield from _all_eqns(inner)
+
+
+def test_variant_parameters_have_big_visions_names_and_shapes():
+  shapes = lambda model: jax.eval_shape(lambda: _init(model)[0])["params"]  # noqa: E731
+  default = shapes(_tiny())
+  flat = {jax.tree_util.keystr(p, simple=True, separator="/"): v.shape
+          for p, v in jax.tree_util.tree_leaves_with_path(
+              shapes(_tiny(pool="map", class_token=False, num_registers=3,
+                           posemb="sincos2d")))}
+  assert flat["registers"] == (1, 3, 32)
+  assert flat["MAPHead_0/probe"] == (1, 1, 32)
+  assert flat["MAPHead_0/MultiHeadDotProductAttention_0/query/kernel"] == (32, 2, 16)
+  assert flat["MAPHead_0/MultiHeadDotProductAttention_0/out/kernel"] == (2, 16, 32)
+  assert flat["MAPHead_0/LayerNorm_0/scale"] == (32,)
+  assert flat["MAPHead_0/MlpBlock_0/Dense_0/kernel"] == (32, 64)
+  assert "cls" not in flat and not any("posembed_input" in k for k in flat)
+  assert len([k for k in flat if k.startswith("MAPHead_0/")]) == 15  # 1 + 8 + 2 + 4.
+  assert default["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 17, 32)
+  assert "registers" not in default and "MAPHead_0" not in default
+
+
+def test_sincos2d_table_is_big_visions():
+  table_1xNxD = models.vit.posemb_sincos2d(3, 5, 8)
+  assert table_1xNxD.shape == (1, 15, 8) and table_1xNxD.dtype == np.float32
+  omega = np.array([1.0, 1e-4])  # 10000^-(k / (8/4 - 1)), k = 0, 1.
+  row, col = 2, 3  # Token 2 * 5 + 3: channels sin(x w), cos(x w), sin(y w), cos(y w).
+  np.testing.assert_allclose(table_1xNxD[0, row * 5 + col], np.concatenate(
+      [np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)]),
+      rtol=1e-6)
+  with pytest.raises(ValueError, match="multiple of 4 and >= 8, not 6"):
+    models.vit.posemb_sincos2d(2, 2, 6)
+
+
+def test_registers_and_the_class_token_come_before_the_patches():
+  # Pooling reads the class token (token) or the patches only (gap); registers are tokens
+  # 1..R, with no position embedding: the model's output depends on their values.
+  model = _tiny(num_registers=2, pool="gap", zero_head_init=False)
+  variables, x = _init(model)
+  logits, extra = model.apply(variables, x, train=False, return_intermediates=True)
+  assert extra["attention_weights"][0].shape == (4, 2, 19, 19)
+  params = dict(variables["params"], registers=variables["params"]["registers"] * 2)
+  assert not np.allclose(model.apply({"params": params}, x, train=False), logits)
 
 
 def test_scan_layers_matches_unrolled_blocks():

@@ -54,6 +54,18 @@ def test_rollout_of_identity_attention():
                                 np.zeros((1, 2, 2)))
 
 
+@pytest.mark.parametrize("class_token", [True, False])
+def test_register_tokens_are_not_patches(class_token):
+  # Tokens: [class], 2 registers, 2 x 2 patches. Every query reads register 0 half the time
+  # and patch (1, 0) the other half: the map holds that patch only.
+  prefix = class_token + 2
+  weights_1x1xTxT = np.zeros((1, 1, prefix + 4, prefix + 4))
+  weights_1x1xTxT[..., int(class_token)] = 0.5  # Register 0 (an int: a bool would mask).
+  weights_1x1xTxT[..., prefix + 2] = 0.5
+  heads = visualize.last_layer_head_maps((weights_1x1xTxT,), class_token, num_registers=2)
+  np.testing.assert_array_equal(heads[0, 0], [[0.0, 0.0], [1.0, 0.0]])
+
+
 def test_rollout_of_uniform_attention_is_uniform():
   for class_token in (True, False):
     tokens = 4 + class_token

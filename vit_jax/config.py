@@ -20,6 +20,7 @@ import numbers
 import ml_collections
 
 from vit_jax import errors, models
+from vit_jax.models import hub
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -89,7 +90,7 @@ def _model(config: ml_collections.ConfigDict) -> None:
   # How the layers are computed: "cpu" (hand-written CPU layers), "xla" (plain linen layers
   # and XLA's attention), "cudnn" (the same with cuDNN's fused attention; GPU, bfloat16) or
   # "auto" (cpu on CPU, cudnn on a GPU where it applies, else xla); the same parameters and
-  # results every way (vit_jax/models/vit.py).
+  # results every way (vit_jax/models/layers.py).
   config.kernels = "auto"
 
 
@@ -149,8 +150,11 @@ def _run(config: ml_collections.ConfigDict) -> None:
 
 def _fine_tuning(config: ml_collections.ConfigDict) -> None:
   """Fine-tuning."""
-  # A workdir / orbax checkpoint of ours or a published-format .npz; parameters only.
+  # Parameters only, from: a workdir / checkpoint of ours, a published-format .npz, a
+  # published checkpoint by name (vit_jax.models.hub.CHECKPOINTS, e.g. "augreg:ViT-B/16")
+  # or by URL (gs://vit_models/..., https://...), downloaded once into init_cache_dir.
   config.init_from = ml_collections.FieldReference(None, field_type=str)
+  config.init_cache_dir = "~/.cache/vit_jax/checkpoints"
   config.init_head = "auto"  # "auto" (reset when the class count differs), "reset", "keep".
   config.init_pre_logits = "drop"  # "drop" or "keep" a checkpoint's pre_logits layer.
   config.freeze_backbone = False  # Linear probe: train the head only.
@@ -274,11 +278,12 @@ _REALS = {
 }
 _BOOLS = ("aug.flip", "optim.decay_kernels_only", "fsdp", "remat", "scan_layers",
           "freeze_backbone")
-_STRINGS = ("dataset", "train_split", "eval_split", "model.name")
+_STRINGS = ("dataset", "train_split", "eval_split", "model.name", "init_cache_dir")
 _OPTIONAL_STRINGS = ("data_dir", "manual_dir", "val_split", "init_from")
 # Model fields (config.model.overrides.*) with a range other than their type's default.
-_MODEL_CHOICES = {"pool": ("token", "gap", "flatten")}
-_MODEL_INT_MINIMUM = {"representation_size": 0}  # 0 = no pre_logits layer; others >= 1.
+_MODEL_CHOICES = {"pool": models.POOLS, "posemb": models.POSEMBS}
+# 0 = no pre_logits layer / no register tokens; other integer fields >= 1.
+_MODEL_INT_MINIMUM = {"representation_size": 0, "num_registers": 0}
 
 
 def _get(config, dotted: str):
@@ -348,6 +353,40 @@ def _check_model_overrides(overrides: ml_collections.ConfigDict) -> None:
         _check_real(key, value, -math.inf, False, math.inf, False)
 
 
+def published_model(init_from: str | None) -> tuple[str, dict] | None:
+  """(registry name, field overrides) that reproduce the published checkpoint `init_from`
+  names (e.g. "augreg:ViT-B/16"); None when it is not a name. For recipes."""
+  if not init_from or not hub.is_name(init_from):
+    return None
+  try:
+    entry = hub.lookup(init_from)
+  except errors.MissingCheckpointError as e:
+    raise errors.ConfigError(str(e)) from None
+  return entry.model, dict(entry.fields)
+
+
+def _check_published(config: ml_collections.ConfigDict) -> None:
+  """A published checkpoint by name needs the model that reproduces its function."""
+  model_name, needs = published_model(config.init_from)
+  overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
+  architecture = models.get_spec(model_name).fields
+  clashing = [k for k, v in overrides.items() if k in architecture and v != architecture[k]]
+  defaults = {f.name: f.default for f in dataclasses.fields(models.VisionTransformer)}
+  after = {**defaults, **architecture, **overrides}
+  flags = [f"--config.model.overrides.{k}={v}" for k, v in needs.items() if after[k] != v]
+  if config.model.name != model_name:
+    flags.insert(0, f"--config.model.name={model_name}")
+  if not flags and not clashing:
+    return
+  held = ", ".join(f"{k}={v!r}" for k, v in needs.items())
+  fixes = ([f"set {' '.join(flags)}"] if flags else []) + (
+      [f"leave config.model.overrides.{{{','.join(clashing)}}} unset"] if clashing else [])
+  raise errors.ConfigError(
+      f"config.init_from={config.init_from!r} holds a {model_name}"
+      f"{f' with {held}' if held else ''}: {' and '.join(fixes)} (or give its URL or path "
+      "to load it into another model).")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises errors.ConfigError naming the key, its value and what is allowed."""
   if config.compute_dtype == "float16":
@@ -407,14 +446,19 @@ def _check_combinations(config: ml_collections.ConfigDict) -> None:
         f"{max(patch, config.image_size // patch * patch)}.")
   if fields.get("pool", "token") == "token" and not fields.get("class_token", True):
     raise errors.ConfigError("config.model.overrides.pool='token' needs class_token=True: "
-                             "set config.model.overrides.pool to 'gap' or 'flatten', or "
-                             "class_token to True.")
+                             "set config.model.overrides.pool to 'gap', 'map' or 'flatten', "
+                             "or class_token to True.")
+  if fields.get("posemb") == "sincos2d" and (fields["width"] % 4 or fields["width"] < 8):
+    raise errors.ConfigError(f"config.model.overrides.posemb='sincos2d' needs a width that is "
+                             f"a multiple of 4 and >= 8, not {fields['width']}.")
   if config.kernels == "cudnn":
     head_dim = fields.get("head_dim") or fields["width"] // fields["num_heads"]
     problem = models.cudnn_attention_problem(config.compute_dtype, head_dim)
     if problem:
       raise errors.ConfigError(f"config.kernels='cudnn' cannot run {config.model.name}: "
                                f"{problem}. Use config.kernels='auto'.")
+  if config.init_from and hub.is_name(config.init_from):
+    _check_published(config)
   if config.dataset == "folder" and not config.data_dir:
     raise errors.ConfigError("config.dataset='folder' needs config.data_dir=/path/to/images "
                              "with train/CLASS/*.jpg and test/CLASS/*.jpg.")

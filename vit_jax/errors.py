@@ -61,6 +61,10 @@ class MissingCheckpointError(NotACheckpointError, FileNotFoundError):
   """The path does not exist, or the folder holds no checkpoint."""
 
 
+class CheckpointDownloadError(UserError, ConnectionError):
+  """A published checkpoint (config.init_from by name or URL) cannot be downloaded."""
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """The file cannot initialise the model: missing parameters or unresolvable shapes."""
 

@@ -5,9 +5,14 @@ A `.npz` of published ViT checkpoints comes in one of these layouts:
   (b) the same under an `opt/target/` prefix;
   (c) big_vision: a `params/` prefix, linen child numbering (`LayerNorm_0`,
       `MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`), a top-level
-      `pos_embedding` without a class-token slot, and blocks possibly stacked under
-      `Transformer/encoderblock` with a leading depth axis (layer scan).
-Our own checkpoints, flattened, are layout (a) or (a) stacked.
+      `pos_embedding` without a class-token slot (none at all with posemb="sincos2d"),
+      blocks possibly stacked under `Transformer/encoderblock` with a leading depth axis
+      (layer scan), and with pool_type="map" a `MAPHead_0` (probe, attention, LayerNorm,
+      MLP);
+  (d) big_vision's two-tower files (SigLIP, LiT): layout (c) of the image tower under
+      `params/img/`; the text tower and the other keys are reported unused.
+Our own checkpoints, flattened, are layout (a) or (a) stacked, with `registers` (1 x R x D)
+beside `cls` when the model has register tokens.
 
 Every source is first brought to one canonical form, our unscanned names
 (`Transformer/encoderblock_{i}/...`), matched against the model's parameters in that form,
@@ -19,11 +24,15 @@ Adapting to the new task (`match`):
   * pre_logits: dropped unless `init_pre_logits == "keep"`;
   * position embedding: the patch grid is resampled bilinearly with corners aligned
     (`scipy.ndimage.zoom(order=1)`, the convention of both published loaders, so fine-tuned
-    numbers stay comparable with theirs); the class-token slot is kept as it is, or keeps
-    the model's fresh initialisation when the file has none (big_vision);
-  * cls: kept fresh when the file has no class token.
-Missing parameters the model needs, and shapes that cannot be adapted (another width or
-depth layout), are `CheckpointMismatchError`s that name the parameters and both shapes.
+    numbers stay comparable with theirs); the class-token slot is kept as it is, or is
+    zero when the file has none (big_vision adds no position embedding to the class
+    token, so zero is the exact equivalent);
+  * input channels: an RGB patch kernel for a greyscale model is summed over the colours
+    (timm's adapt_input_conv), a greyscale one for an RGB model repeated and divided by 3;
+  * cls, registers, MAP head: kept fresh when the file has none.
+Every adaptation is reported. Missing parameters the model needs, and shapes that cannot
+be adapted (another width or depth layout), are `CheckpointMismatchError`s that name the
+parameters and both shapes.
 
   new_params, report = convert.match(read_npz(path), params, init_head="auto",
                                      init_pre_logits="drop", source="path.npz")
@@ -47,13 +56,15 @@ PyTree = Any
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
 _STACKED = "Transformer/encoderblock/"  # Layer-scan blocks: leading depth axis.
-_PREFIXES = ("opt/target/", "params/")
+# "params/img/": the image tower of big_vision's two-tower (SigLIP, LiT) files.
+_PREFIXES = ("opt/target/", "params/img/", "params/")
 # Linen numbering of the block's children -> the old numbering that our model uses.
 # The two sets of names are disjoint, so renaming needs no detection of the layout.
 _LINEN_TO_OLD = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
                  "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
 _BLOCK_CHILD = re.compile(r"(Transformer/encoderblock_\d+/)([^/]+)(/.+)")
 _SLOT = f"{POSEMB}[class-token slot]"
+_EMBEDDING = "embedding/kernel"
 _HEAD = ("head/kernel", "head/bias")
 _NAMES_SHOWN = 12  # Per report line; to_dict() carries every name.
 
@@ -65,6 +76,8 @@ class LoadReport:
   loaded: list[str] = dataclasses.field(default_factory=list)  # Values from the file.
   reinitialised: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> reason.
   resampled: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> how.
+  # Values computed exactly from the file's (input channels, a missing slot): name -> how.
+  adapted: dict[str, str] = dataclasses.field(default_factory=dict)
   missing: list[str] = dataclasses.field(default_factory=list)  # In the model, not the file.
   unexpected: dict[str, str] = dataclasses.field(default_factory=dict)  # In the file, unused.
 
@@ -73,7 +86,7 @@ class LoadReport:
 
   def format(self) -> str:
     lines = [f"Initialised from {self.source}:", f"  loaded: {len(self.loaded)} parameters"]
-    for title, entries in (("resampled", self.resampled),
+    for title, entries in (("resampled", self.resampled), ("adapted", self.adapted),
                            ("re-initialised", self.reinitialised),
                            ("unexpected (in the file, not used)", self.unexpected)):
       if entries:
@@ -153,12 +166,15 @@ def _canonical(flat: dict[str, np.ndarray]) -> _Source:
   if renamed.keys() != flat.keys():
     notes.append("linen numbering")
   # vision_transformer (and our) tables hold a class-token slot exactly when there is a
-  # class token; big_vision adds its top-level table before prepending cls: no slot.
+  # class token; big_vision adds its top-level table before prepending cls: no slot,
+  # except in its files from before 2022 (a square grid + 1, as fix_old_checkpoints says).
   has_slot = "cls" in renamed
   if "pos_embedding" in renamed:
     renamed[POSEMB] = renamed.pop("pos_embedding")
-    has_slot = False
-    notes.append("top-level pos_embedding without a class-token slot")
+    tokens = renamed[POSEMB].shape[1] if renamed[POSEMB].ndim == 3 else 0
+    has_slot = has_slot and math.isqrt(tokens) ** 2 != tokens
+    notes.append(f"top-level pos_embedding {'with' if has_slot else 'without'} a class-token "
+                 "slot")
   layout = "layout: " + (", ".join(notes) if notes else "published names")
   return _Source(renamed, has_slot, outside, layout)
 
@@ -209,12 +225,38 @@ class _Matcher:
       self.errors.append(f"missing from the file: {name} {_shape(self.target[name])}")
       return
     self.used.add(name)
-    file_shape, model_shape = _shape(self.src.arrays[name]), _shape(self.target[name])
-    if file_shape != model_shape:
+    value = self.src.arrays[name]
+    file_shape, model_shape = _shape(value), _shape(self.target[name])
+    if name == _EMBEDDING and file_shape != model_shape:
+      value = self._adapt_channels(value, model_shape)
+    if _shape(value) != model_shape:
       self.errors.append(f"shape mismatch: {name}: file {file_shape} vs model {model_shape}")
       return
-    self.values[name] = np.asarray(self.src.arrays[name], self.target[name].dtype)
+    self.values[name] = np.asarray(value, self.target[name].dtype)
     self.report.loaded.append(name)
+
+  def _adapt_channels(self, kernel_PxPxCxD: np.ndarray, model_shape: tuple[int, ...]):
+    """The patch kernel for another input channel count, where an exact equivalent exists.
+
+    3 -> 1: summed over the colours (timm's adapt_input_conv), so a grey image gives the
+    logits the RGB checkpoint gives it as 3 equal channels. 1 -> 3: repeated and divided
+    by 3, so an RGB image gives the grey checkpoint's logits for its channel mean.
+    Other shapes are returned as they are (a shape mismatch for the caller).
+    """
+    file_c, model_c = kernel_PxPxCxD.shape[2], model_shape[2]
+    same_otherwise = (_shape(kernel_PxPxCxD)[:2] + _shape(kernel_PxPxCxD)[3:]
+                      == model_shape[:2] + model_shape[3:])
+    if not same_otherwise or (file_c, model_c) not in ((3, 1), (1, 3)):
+      return kernel_PxPxCxD
+    kernel = np.asarray(kernel_PxPxCxD, np.float64)
+    if model_c == 1:
+      how = "3 -> 1 input channels (colour kernels summed, as timm's adapt_input_conv)"
+      kernel = kernel.sum(axis=2, keepdims=True)
+    else:
+      how = "1 -> 3 input channels (repeated and divided by 3: the grey model on the mean)"
+      kernel = np.repeat(kernel / 3.0, 3, axis=2)
+    self.report.adapted[_EMBEDDING] = how
+    return kernel
 
   def keep_fresh(self, name: str, reason: str) -> None:
     if name not in self.src.arrays:
@@ -276,18 +318,31 @@ class _Matcher:
       self.keep_fresh(name, "config.init_pre_logits='drop'")
     self.unused("pre_logits", "dropped (config.init_pre_logits='drop')")
 
-  def cls(self) -> None:
-    if "cls" not in self.target:
-      self.unused("cls", "the model has no class token")
-    elif "cls" in self.src.arrays:
-      self.load("cls")
-    else:
-      self.keep_fresh("cls", "no class token in the file")
+  def optional(self, module: str, model_lacks: str, file_lacks: str) -> None:
+    """A top-level module (cls, registers, MAPHead_0) that either side may lack: loaded
+    when both have it, kept fresh when the file lacks it, unused when the model does."""
+    names = [n for n in self.target if n.split("/")[0] == module]
+    if not names:
+      self.unused(module, model_lacks)
+    elif not any(n in self.src.arrays for n in names):
+      for name in names:
+        self.keep_fresh(name, file_lacks)
 
-  def posemb(self, model_value) -> None:
-    """The patch grid from the file, resampled if needed; the slot as decided above."""
+  def posemb(self) -> None:
+    """The patch grid from the file, resampled if needed; a zero class-token slot when the
+    file has none (big_vision adds no position embedding to the class token)."""
+    if POSEMB not in self.target:  # posemb="sincos2d": the model computes its table.
+      if POSEMB in self.src.arrays:
+        self.used.add(POSEMB)
+        self.errors.append(f"{POSEMB}: the file has a learned table, the model computes "
+                           "sincos2d ones: set config.model.overrides.posemb='learned'")
+      return
     if POSEMB not in self.src.arrays:
-      self.load(POSEMB)  # Reports it missing.
+      self.report.missing.append(POSEMB)
+      self.errors.append(
+          f"missing from the file: {POSEMB}: a file without a position-embedding table "
+          "comes from big_vision's posemb='sincos2d': set "
+          "config.model.overrides.posemb='sincos2d'")
       return
     self.used.add(POSEMB)
     file_1xNxD = np.asarray(self.src.arrays[POSEMB])
@@ -311,9 +366,9 @@ class _Matcher:
     if model_slot and file_slot:
       slot_1xSxD = file_1xNxD[:, :1]
     elif model_slot:
-      slot_1xSxD = parallel.to_host(model_value)[:, :1]
-      self.report.reinitialised[_SLOT] = ("the file's pos_embedding has no class-token "
-                                          "slot: kept the model's fresh value")
+      slot_1xSxD = np.zeros_like(file_1xNxD[:, :1])
+      self.report.adapted[_SLOT] = ("zero: the file's table has no class-token slot, as "
+                                    "big_vision adds none to the class token")
     else:
       slot_1xSxD = file_1xNxD[:, :0]
       if file_slot:
@@ -363,8 +418,12 @@ def match(flat: dict[str, np.ndarray], params: PyTree, *, init_head: str = "auto
   matcher = _Matcher(canonical, target, init_head, init_pre_logits, report)
   matcher.head()
   matcher.pre_logits()
-  matcher.cls()
-  matcher.posemb(model_flat[POSEMB])
+  matcher.optional("cls", "the model has no class token", "no class token in the file")
+  matcher.optional("registers", "the model has no register tokens "
+                   "(config.model.overrides.num_registers)", "no register tokens in the file")
+  matcher.optional("MAPHead_0", "the model does not pool with a MAP head "
+                   "(config.model.overrides.pool='map')", "no MAP head in the file: a new one")
+  matcher.posemb()
   for name in target:
     if name not in matcher.values and name not in report.missing:
       matcher.load(name)

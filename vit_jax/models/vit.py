@@ -1,10 +1,13 @@
-"""Vision Transformer (Flax linen) and the registry of named models.
+"""Vision Transformer (Flax linen); the named models are in `registry.py`.
 
 Parameter names and shapes are those of the published ViT checkpoints
 (`embedding`, `cls`, `Transformer/posembed_input/pos_embedding`,
 `Transformer/encoderblock_{i}/{LayerNorm_0,MultiHeadDotProductAttention_1,LayerNorm_2,MlpBlock_3}`,
 `Transformer/encoder_norm`, `pre_logits`, `head`), so a published `.npz` maps onto the tree
 key for key. Child names are given explicitly wherever a checkpoint depends on the path.
+The variants add big_vision's names: `posemb="sincos2d"` computes its table (no
+`posembed_input`), `pool="map"` adds `MAPHead_0` (`probe`, `MultiHeadDotProductAttention_0`,
+`LayerNorm_0`, `MlpBlock_0`), `num_registers=R` adds `registers` (1 x R x D).
 
 The model takes images that are already normalised (`vit_jax.data.augment.eval_preprocess`)
 and returns float32 logits:
@@ -17,18 +20,15 @@ and returns float32 logits:
   extra["pre_logits"]         # B x F pooled features fed to the head
   extra["attention_weights"]  # tuple over layers of B x heads x tokens x tokens
 
-`kernels` picks how the layers are computed (`resolve_kernels`, the only place that looks
-at the backend): "cpu" the hand-written layers of `cpu_kernels.py`; "xla" plain linen
-layers and XLA's attention; "cudnn" the same layers with cuDNN's fused (flash) attention;
-"auto" cpu on CPU, cudnn on a GPU where cuDNN takes the dtype and head size, else xla.
-Every path has the same parameters and gives the same outputs to float rounding.
+`kernels` picks how the layers are computed ("auto", "cpu", "xla" or "cudnn": see
+`layers.py`); every path has the same parameters and gives the same outputs to float
+rounding.
 
 Reduced precision (`dtype=bfloat16`): parameters, LayerNorm statistics, softmax, the
 attention logits and the class logits are float32; the matmuls take bfloat16 inputs.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -38,195 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import parallel
-from vit_jax.models import cpu_kernels
+from vit_jax.models import layers
 
 Array = jax.Array
 Dtype = Any
-
-KERNELS = ("auto", "cpu", "xla", "cudnn")
-
-
-def cudnn_attention_problem(dtype: Dtype, head_dim: int) -> str | None:
-  """Why cuDNN's fused attention cannot run this attention, or None when it can."""
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"it needs bfloat16 or float16 compute (got {jnp.dtype(dtype).name})"
-  if head_dim % 8 or head_dim > 128:
-    return f"it needs a head size that is a multiple of 8 and at most 128 (got {head_dim})"
-  return None
-
-
-def resolve_kernels(kernels: str, backend: str, dtype: Dtype, head_dim: int) -> str:
-  """"cpu", "xla" or "cudnn": what `kernels` means for this backend, dtype and head size."""
-  if kernels not in KERNELS:
-    raise ValueError(f"kernels={kernels!r}: use one of {KERNELS}.")
-  if kernels == "cudnn":
-    problem = ("it needs a GPU" if backend != "gpu"
-               else cudnn_attention_problem(dtype, head_dim))
-    if problem:
-      raise ValueError(f"kernels='cudnn' cannot run here: {problem}. Use kernels='auto'.")
-  if kernels != "auto":
-    return kernels
-  if backend == "cpu":
-    return "cpu"
-  if backend == "gpu" and cudnn_attention_problem(dtype, head_dim) is None:
-    return "cudnn"
-  return "xla"
-
-
-def dot_product_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array,
-                          implementation: str | None, pad_odd_length: bool) -> Array:
-  """softmax(q k^T / sqrt(K)) v by `jax.nn.dot_product_attention`.
-
-  cuDNN's training kernel is always given a bias operand, and then refuses odd sequence
-  lengths (65 tokens: a class token and 8 x 8 patches). `pad_odd_length` adds one token,
-  masked out of the keys and sliced off the output: the result is the unpadded one.
-  """
-  length = q_BxLxHxK.shape[1]
-  if not (pad_odd_length and length % 2):
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                        implementation=implementation)
-  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
-  q_BxPxHxK, k_BxPxHxK, v_BxPxHxK = (jnp.pad(t, pad) for t in (q_BxLxHxK, k_BxLxHxK,
-                                                                v_BxLxHxK))
-  lengths_B = jnp.full((q_BxLxHxK.shape[0],), length, jnp.int32)
-  out_BxPxHxK = jax.nn.dot_product_attention(q_BxPxHxK, k_BxPxHxK, v_BxPxHxK,
-                                             key_value_seq_lengths=lengths_B,
-                                             implementation=implementation)
-  return out_BxPxHxK[:, :length]
-
-
-def _dense(features, *, cpu: bool, **kwargs) -> nn.Dense:
-  return nn.Dense(features, dot_general=cpu_kernels.dense_dot_general if cpu else None,
-                  **kwargs)
-
-
-def _gelu(x: Array, approximate: bool, cpu: bool) -> Array:
-  if cpu:
-    return cpu_kernels.gelu(x, approximate)
-  return nn.gelu(x, approximate=approximate)
-
-
-def _dropout(module: nn.Module, x: Array, rate: float, train: bool, cpu: bool) -> Array:
-  """Inverted dropout from the "dropout" rng stream (called inside `module`'s compact
-  method, where `nn.Dropout` binds to it)."""
-  if cpu:
-    return cpu_kernels.dropout(module, x, rate, train)
-  return nn.Dropout(rate, deterministic=not train)(x)
-
-
-def _layer_norm(name: str, dtype: Dtype, cpu: bool) -> nn.Module:
-  """LayerNorm(eps 1e-6) with float32 parameters and statistics."""
-  if cpu:
-    return cpu_kernels.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def _drop_path(module: nn.Module, x_BxLxD: Array, rate: Array | float, train: bool,
-               enabled: bool) -> Array:
-  """Stochastic depth: drops a sample's whole residual branch with probability `rate`.
-
-  `rate` may be traced (one value per layer under scan), so it is applied with a
-  Bernoulli mask rather than `nn.Dropout`, whose rate must be static.
-  """
-  if not (train and enabled):
-    return x_BxLxD
-  keep = 1.0 - jnp.asarray(rate, jnp.float32)
-  mask_B = jax.random.bernoulli(module.make_rng("dropout"), keep, (x_BxLxD.shape[0],))
-  scale_B = mask_B.astype(jnp.float32) / keep
-  return x_BxLxD * scale_B[:, None, None].astype(x_BxLxD.dtype)
-
-
-class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU -> dropout -> Dense(D) [-> GELU] -> dropout."""
-  mlp_dim: int
-  dropout_rate: float
-  activate_output: bool  # The Keras origin applies GELU after the second Dense too.
-  gelu_approximate: bool
-  dtype: Dtype
-  cpu: bool  # The layers of cpu_kernels.py.
-
-  @nn.compact
-  def __call__(self, x_BxLxD: Array, train: bool) -> Array:
-    cpu = self.cpu
-    dense = lambda features, name: _dense(  # noqa: E731
-        features, cpu=cpu, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
-    y_BxLxM = _gelu(dense(self.mlp_dim, "Dense_0")(x_BxLxD), self.gelu_approximate, cpu)
-    y_BxLxM = _dropout(self, y_BxLxM, self.dropout_rate, train, cpu)
-    y_BxLxD = dense(x_BxLxD.shape[-1], "Dense_1")(y_BxLxM)
-    if self.activate_output:
-      y_BxLxD = _gelu(y_BxLxD, self.gelu_approximate, cpu)
-    return _dropout(self, y_BxLxD, self.dropout_rate, train, cpu)
-
-
-class _ProjectionParams(nn.Module):
-  """The `kernel` (D x H x K) and `bias` (H x K) of `nn.DenseGeneral((H, K))` over the last
-  axis, with its names, shapes and initial values, for callers that apply them fused."""
-  in_features: int
-  features: tuple[int, int]
-
-  @nn.compact
-  def __call__(self) -> tuple[Array, Array]:
-    flat_features = int(np.prod(self.features))
-    init = nn.initializers.xavier_uniform()  # DenseGeneral draws 2-D, then reshapes.
-    kernel = self.param(
-        "kernel", lambda rng, shape, dtype: init(rng, (self.in_features, flat_features),
-                                                 dtype).reshape(shape),
-        (self.in_features, *self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, self.features, jnp.float32)
-    return kernel, bias
-
-
-class SelfAttention(nn.Module):
-  """Multi-head self-attention with the published `query/key/value/out` parameters.
-
-  q/k/v are num_heads x head_dim wide, which may differ from the residual width D
-  (Keras MultiHeadAttention(num_heads=4, key_dim=64) in a 64-wide stream is 4 x 64).
-  The attention weights are materialised only when asked for or dropped out; otherwise
-  the CPU path runs `cpu_kernels.self_attention`, the others `dot_product_attention`.
-  """
-  num_heads: int
-  head_dim: int
-  dropout_rate: float
-  dtype: Dtype
-  kernels: str  # Resolved: "cpu", "xla" or "cudnn".
-
-  @nn.compact
-  def __call__(self, x_BxLxD: Array, train: bool,
-               return_weights: bool) -> tuple[Array, Array | None]:
-    cpu = self.kernels == "cpu"
-    features = (self.num_heads, self.head_dim)
-    projections = [_ProjectionParams(x_BxLxD.shape[-1], features, name=n)()
-                   for n in ("query", "key", "value")]
-    x_BxLxD = x_BxLxD.astype(self.dtype)
-    scale = float(1.0 / np.sqrt(self.head_dim))  # Weakly typed: bfloat16 stays bfloat16.
-    weights_BxHxLxL = None
-    if cpu and not return_weights:
-      rate = self.dropout_rate if train else 0.0
-      key = self.make_rng("dropout") if rate > 0 else None
-      out_BxLxHxK = cpu_kernels.self_attention(x_BxLxD, projections, scale=scale, key=key,
-                                               rate=rate, dtype=self.dtype)
-    else:
-      dot_general = cpu_kernels.dense_dot_general if cpu else jax.lax.dot_general
-      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-          dot_general(x_BxLxD, w.astype(self.dtype), (((2,), (0,)), ((), ())))
-          + b.astype(self.dtype) for w, b in projections)
-      if return_weights or (train and self.dropout_rate > 0):
-        logits_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK * scale, k_BxLxHxK,
-                                    preferred_element_type=jnp.float32)
-        weights_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
-        dropped_BxHxLxL = _dropout(self, weights_BxHxLxL, self.dropout_rate, train, cpu)
-        out_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", dropped_BxHxLxL.astype(self.dtype),
-                                 v_BxLxHxK)
-      else:
-        cudnn = self.kernels == "cudnn"
-        out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                            "cudnn" if cudnn else None, pad_odd_length=cudnn)
-    out_BxLxD = nn.DenseGeneral(
-        x_BxLxD.shape[-1], axis=(-2, -1), dtype=self.dtype,
-        dot_general=cpu_kernels.dense_dot_general if cpu else None,
-        kernel_init=nn.initializers.xavier_uniform(), name="out")(out_BxLxHxK)
-    return out_BxLxD, weights_BxHxLxL
 
 
 class Encoder1DBlock(nn.Module):
@@ -247,18 +62,18 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x_BxLxD: Array, drop_path_rate: Array | float, train: bool,
                return_weights: bool) -> tuple[Array, Array | None]:
     cpu = self.kernels == "cpu"
-    y_BxLxD, weights = SelfAttention(
+    y_BxLxD, weights = layers.SelfAttention(
         self.num_heads, self.head_dim, self.attention_dropout_rate, self.dtype, self.kernels,
         name="MultiHeadDotProductAttention_1")(
-            _layer_norm("LayerNorm_0", self.dtype, cpu)(x_BxLxD), train, return_weights)
+            layers.layer_norm("LayerNorm_0", self.dtype, cpu)(x_BxLxD), train, return_weights)
     if self.residual_dropout:
-      y_BxLxD = _dropout(self, y_BxLxD, self.dropout_rate, train, cpu)
-    x_BxLxD = x_BxLxD + _drop_path(self, y_BxLxD, drop_path_rate, train,
+      y_BxLxD = layers.dropout(self, y_BxLxD, self.dropout_rate, train, cpu)
+    x_BxLxD = x_BxLxD + layers.drop_path(self, y_BxLxD, drop_path_rate, train,
                                    self.drop_path_enabled)
-    y_BxLxD = MlpBlock(self.mlp_dim, self.dropout_rate, self.mlp_activate_output,
+    y_BxLxD = layers.MlpBlock(self.mlp_dim, self.dropout_rate, self.mlp_activate_output,
                        self.gelu_approximate, self.dtype, cpu, name="MlpBlock_3")(
-                           _layer_norm("LayerNorm_2", self.dtype, cpu)(x_BxLxD), train)
-    x_BxLxD = x_BxLxD + _drop_path(self, y_BxLxD, drop_path_rate, train,
+                           layers.layer_norm("LayerNorm_2", self.dtype, cpu)(x_BxLxD), train)
+    x_BxLxD = x_BxLxD + layers.drop_path(self, y_BxLxD, drop_path_rate, train,
                                    self.drop_path_enabled)
     return parallel.constrain_batch(x_BxLxD), weights
 
@@ -268,6 +83,26 @@ class _ScannedBlock(Encoder1DBlock):
 
   def __call__(self, x_BxLxD, drop_path_rate, train, return_weights):  # type: ignore[override]
     return super().__call__(x_BxLxD, drop_path_rate, train, return_weights)
+
+
+def posemb_sincos2d(height: int, width: int, features: int,
+                    temperature: float = 10_000.0) -> np.ndarray:
+  """big_vision's fixed 2-D sin-cos position embedding (MoCo v3): 1 x (H*W) x features.
+
+  Tokens in row-major order; the channels are [sin(x w), cos(x w), sin(y w), cos(y w)],
+  each features/4 wide, with x the column, y the row and w_k = temperature^(-k / (F/4 - 1)).
+  Computed in float64 and rounded once to float32.
+  """
+  if features % 4 or features < 8:
+    raise ValueError(f"posemb='sincos2d' needs a width that is a multiple of 4 and >= 8, "
+                     f"not {features}.")
+  y_HxW, x_HxW = np.mgrid[:height, :width].astype(np.float64)
+  quarter = features // 4
+  omega_Q = temperature ** -(np.arange(quarter) / (quarter - 1))
+  x_NxQ = x_HxW.reshape(-1, 1) * omega_Q
+  y_NxQ = y_HxW.reshape(-1, 1) * omega_Q
+  table_NxF = np.concatenate([np.sin(x_NxQ), np.cos(x_NxQ), np.sin(y_NxQ), np.cos(y_NxQ)], 1)
+  return table_NxF[None].astype(np.float32)
 
 
 class AddPositionEmbedding(nn.Module):
@@ -291,14 +126,25 @@ class Encoder(nn.Module):
   remat: bool
   dtype: Dtype
   kernels: str  # Resolved: "cpu", "xla" or "cudnn".
+  learned_posemb: bool = True  # False: the caller added a fixed (sincos2d) embedding.
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, train: bool,
-               return_weights: bool) -> tuple[Array, tuple[Array, ...]]:
+  def __call__(self, x_BxLxD: Array, train: bool, return_weights: bool,
+               registers_1xRxD: Array | None = None,
+               registers_at: int = 0) -> tuple[Array, tuple[Array, ...]]:
     cpu = self.kernels == "cpu"
-    x_BxLxD = parallel.constrain_batch(AddPositionEmbedding(name="posembed_input")(x_BxLxD))
+    if self.learned_posemb:
+      x_BxLxD = AddPositionEmbedding(name="posembed_input")(x_BxLxD)
+    if registers_1xRxD is not None:
+      # Registers have no position (Darcet et al. 2023; timm): inserted after the table is
+      # added, between the class token and the patches.
+      registers_BxRxD = jnp.broadcast_to(registers_1xRxD.astype(x_BxLxD.dtype),
+                                         (x_BxLxD.shape[0], *registers_1xRxD.shape[1:]))
+      x_BxLxD = jnp.concatenate([x_BxLxD[:, :registers_at], registers_BxRxD,
+                                 x_BxLxD[:, registers_at:]], axis=1)
+    x_BxLxD = parallel.constrain_batch(x_BxLxD)
     if self.residual_dropout:
-      x_BxLxD = _dropout(self, x_BxLxD, self.dropout_rate, train, cpu)
+      x_BxLxD = layers.dropout(self, x_BxLxD, self.dropout_rate, train, cpu)
     # Stochastic depth grows linearly with depth (DeiT/timm): 0 at the first block.
     rates_L = np.linspace(0.0, self.stochastic_depth_rate, self.depth, dtype=np.float32)
     block_kwargs = dict(self.block_kwargs, dtype=self.dtype, kernels=self.kernels,
@@ -321,8 +167,12 @@ class Encoder(nn.Module):
             x_BxLxD, float(rates_L[i]), train, return_weights)
         weights.append(w)
       weights = tuple(weights) if return_weights else ()
-    x_BxLxD = _layer_norm("encoder_norm", self.dtype, cpu)(x_BxLxD)
+    x_BxLxD = layers.layer_norm("encoder_norm", self.dtype, cpu)(x_BxLxD)
     return parallel.constrain_batch(x_BxLxD), weights
+
+
+POOLS = ("token", "gap", "map", "flatten")
+POSEMBS = ("learned", "sincos2d")
 
 
 class VisionTransformer(nn.Module):
@@ -335,7 +185,13 @@ class VisionTransformer(nn.Module):
   mlp_dim: int
   head_dim: int | None = None  # Attention width per head; None = width // num_heads.
   class_token: bool = True
-  pool: str = "token"  # "token" (class token), "gap" (mean of patch tokens), "flatten".
+  # "token" (class token), "gap" (mean of the patch tokens), "map" (MAPHead over the patch
+  # tokens), "flatten" (every token, concatenated).
+  pool: str = "token"
+  # "learned" (a table, class-token slot included) or "sincos2d" (big_vision's fixed
+  # table, added to the patches only).
+  posemb: str = "learned"
+  num_registers: int = 0  # Register tokens (`registers`, 1 x R x D) after the class token.
   head_hidden_dims: Sequence[int] = ()  # Hidden MLP head (the Keras origin: 2048, 1024).
   representation_size: int | None = None  # A `pre_logits` Dense + tanh before the head.
   dropout_rate: float = 0.0
@@ -358,28 +214,25 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images_BxHxWxC: Array, *, train: bool,
                return_intermediates: bool = False):
-    _, h, w, _ = images_BxHxWxC.shape
-    if h % self.patch_size or w % self.patch_size:
-      raise ValueError(
-          f"Image size {h}x{w} is not divisible by the patch size {self.patch_size}: set "
-          f"config.image_size to a multiple of {self.patch_size} (e.g. "
-          f"{h // self.patch_size * self.patch_size or self.patch_size}).")
-    if self.pool not in ("token", "gap", "flatten"):
-      raise ValueError(f"pool={self.pool!r}: use one of 'token', 'gap', 'flatten'.")
-    if self.pool == "token" and not self.class_token:
-      raise ValueError("pool='token' needs class_token=True; use pool='gap' or 'flatten'.")
+    self._check(images_BxHxWxC.shape)
     head_dim = self.head_dim or self.width // self.num_heads
-    kernels = resolve_kernels(self.kernels, jax.default_backend(), self.dtype, head_dim)
+    kernels = layers.resolve_kernels(self.kernels, jax.default_backend(), self.dtype, head_dim)
     cpu = kernels == "cpu"
     x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
                 dtype=self.dtype, name="embedding")(images_BxHxWxC.astype(self.dtype))
     b, gh, gw, d = x.shape
     x_BxNxD = x.reshape(b, gh * gw, d)
+    if self.posemb == "sincos2d":  # Before the class token, which gets none (big_vision).
+      x_BxNxD = x_BxNxD + jnp.asarray(posemb_sincos2d(gh, gw, d), x_BxNxD.dtype)
     if self.class_token:
       cls_1x1xD = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
       x_BxNxD = jnp.concatenate(
           [jnp.broadcast_to(cls_1x1xD.astype(x_BxNxD.dtype), (b, 1, d)), x_BxNxD], axis=1)
+    registers_1xRxD = None
+    if self.num_registers:
+      registers_1xRxD = self.param("registers", nn.initializers.normal(stddev=0.02),
+                                   (1, self.num_registers, d), jnp.float32)
     block_kwargs = dict(
         num_heads=self.num_heads, head_dim=head_dim,
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
@@ -387,28 +240,15 @@ class VisionTransformer(nn.Module):
         residual_dropout=self.residual_dropout,
         mlp_activate_output=self.mlp_activate_output,
         gelu_approximate=self.gelu_approximate)
-    x_BxNxD, weights = Encoder(
+    x_BxTxD, weights = Encoder(
         self.depth, block_kwargs, self.dropout_rate, self.residual_dropout,
         self.stochastic_depth_rate, self.scan_layers, self.remat, self.dtype, kernels,
-        name="Transformer")(x_BxNxD, train, return_intermediates)
-
-    if self.pool == "token":
-      x_BxF = x_BxNxD[:, 0]
-    elif self.pool == "gap":
-      x_BxF = x_BxNxD[:, int(self.class_token):].mean(axis=1)
-    else:
-      x_BxF = x_BxNxD.reshape(b, -1)
-    x_BxF = _dropout(self, x_BxF, self.head_dropout_rate, train, cpu)
-    for i, features in enumerate(self.head_hidden_dims):
-      x_BxF = _gelu(_dense(features, cpu=cpu, dtype=self.dtype, name=f"head_hidden_{i}")(x_BxF),
-                    self.gelu_approximate, cpu)
-      x_BxF = _dropout(self, x_BxF, self.head_dropout_rate, train, cpu)
-    if self.representation_size:
-      x_BxF = jnp.tanh(_dense(self.representation_size, cpu=cpu, dtype=self.dtype,
-                              name="pre_logits")(x_BxF))
+        learned_posemb=self.posemb == "learned", name="Transformer")(
+            x_BxNxD, train, return_intermediates, registers_1xRxD, int(self.class_token))
+    x_BxF = self._head_input(x_BxTxD, train, cpu)
     head_init = nn.initializers.zeros if self.zero_head_init else nn.initializers.lecun_normal()
     if jnp.dtype(self.dtype) == jnp.float32:
-      head = _dense(self.num_classes, cpu=cpu, dtype=self.dtype, kernel_init=head_init,
+      head = layers.dense(self.num_classes, cpu=cpu, dtype=self.dtype, kernel_init=head_init,
                     name="head")
     else:  # Reduced precision: the logits are accumulated in float32.
       head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=head_init, name="head",
@@ -420,86 +260,39 @@ class VisionTransformer(nn.Module):
                           "attention_weights": weights}
     return logits_BxK
 
+  def _check(self, shape_BHWC: tuple[int, ...]) -> None:
+    _, h, w, _ = shape_BHWC
+    if h % self.patch_size or w % self.patch_size:
+      raise ValueError(
+          f"Image size {h}x{w} is not divisible by the patch size {self.patch_size}: set "
+          f"config.image_size to a multiple of {self.patch_size} (e.g. "
+          f"{h // self.patch_size * self.patch_size or self.patch_size}).")
+    if self.pool not in POOLS:
+      raise ValueError(f"pool={self.pool!r}: use one of {POOLS}.")
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"posemb={self.posemb!r}: use one of {POSEMBS}.")
+    if self.pool == "token" and not self.class_token:
+      raise ValueError("pool='token' needs class_token=True; use pool='gap', 'map' or "
+                       "'flatten'.")
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """A registry entry: VisionTransformer fields and the resolution it is meant for."""
-  fields: dict
-  image_size: int
-
-
-def _vit(width: int, depth: int, heads: int, mlp: int, patch: int, image_size: int,
-         **extra) -> ModelSpec:
-  return ModelSpec(dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
-                        patch_size=patch, **extra), image_size)
-
-
-_SIZES = {  # width, depth, heads, mlp (Dosovitskiy et al. 2021; Ti and S from DeiT).
-    "Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072),
-    "L": (1024, 24, 16, 4096), "H": (1280, 32, 16, 5120),
-}
-
-_REGISTRY: dict[str, ModelSpec] = {
-    **{f"ViT-{s}/{p}": _vit(*_SIZES[s], patch=p, image_size=224) for s, p in [
-        ("Ti", 16), ("S", 16), ("B", 16), ("L", 16), ("H", 14), ("S", 32), ("B", 32),
-        ("L", 32), ("B", 8)]},
-    # Small-image variants for 32 px data: 8 x 8 = 64 patches of 4 x 4.
-    "ViT-Ti/4": _vit(*_SIZES["Ti"], patch=4, image_size=32),
-    "ViT-S/4": _vit(*_SIZES["S"], patch=4, image_size=32),
-    # The Keras "Image classification with Vision Transformer" example: 72 px, patch 6
-    # (144 tokens), width 64, 8 blocks, MultiHeadAttention(num_heads=4, key_dim=64),
-    # block MLP [128, 64] with GELU on both, no class token, flatten -> [2048, 1024] -> K.
-    "keras-example": _vit(
-        64, 8, 4, 128, patch=6, image_size=72, head_dim=64, class_token=False,
-        pool="flatten", head_hidden_dims=(2048, 1024), dropout_rate=0.1,
-        attention_dropout_rate=0.1, residual_dropout=False, head_dropout_rate=0.5,
-        mlp_activate_output=True, gelu_approximate=False, zero_head_init=False),
-}
-
-_FIELDS = tuple(f.name for f in dataclasses.fields(VisionTransformer)
-                if f.name not in ("parent", "name"))
-
-
-def list_models() -> list[str]:
-  """The registered model names."""
-  return list(_REGISTRY)
-
-
-def get_spec(name: str) -> ModelSpec:
-  """The registry entry of `name` (its fields and intended resolution)."""
-  if name not in _REGISTRY:
-    raise ValueError(f"Unknown model {name!r}. Registered models: {', '.join(_REGISTRY)}.")
-  return _REGISTRY[name]
-
-
-def create_model(name: str, *, num_classes: int, **overrides) -> VisionTransformer:
-  """A registered ViT.
-
-  Args:
-    name: a registered model (`list_models()`), e.g. "ViT-B/16" or "keras-example".
-    num_classes: the head's outputs.
-    **overrides: any other VisionTransformer field, e.g. depth=6, dtype="bfloat16",
-      kernels="xla".
-
-  Returns:
-    The linen module; `model.init(key, images_BxHxWxC, train=False)` makes its parameters.
-
-  Raises:
-    ValueError naming an unknown model or field.
-  """
-  unknown = sorted(set(overrides) - set(_FIELDS))
-  if unknown:
-    raise ValueError(f"Unknown model option(s) {unknown} for {name!r}; "
-                     f"allowed: {', '.join(_FIELDS)}.")
-  if isinstance(overrides.get("dtype"), str):
-    overrides["dtype"] = jnp.dtype(overrides["dtype"])
-  return VisionTransformer(**{**get_spec(name).fields, "num_classes": num_classes,
-                              **overrides})
-
-
-def count_params(model: nn.Module, image_size: int, channels: int = 3) -> int:
-  """Parameter count from shapes alone (no memory is allocated)."""
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)),
-                         train=False))
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes["params"]))
+  def _head_input(self, x_BxTxD: Array, train: bool, cpu: bool) -> Array:
+    """Pooling, dropout, the hidden head layers and pre_logits: what the head reads."""
+    prefix = int(self.class_token) + self.num_registers  # Tokens before the patches.
+    if self.pool == "token":
+      x_BxF = x_BxTxD[:, 0]
+    elif self.pool == "gap":
+      x_BxF = x_BxTxD[:, prefix:].mean(axis=1)
+    elif self.pool == "map":
+      x_BxF = layers.MAPHead(self.num_heads, self.mlp_dim, self.gelu_approximate,
+                             self.dtype, cpu, name="MAPHead_0")(x_BxTxD[:, prefix:])
+    else:
+      x_BxF = x_BxTxD.reshape(x_BxTxD.shape[0], -1)
+    x_BxF = layers.dropout(self, x_BxF, self.head_dropout_rate, train, cpu)
+    for i, features in enumerate(self.head_hidden_dims):
+      hidden = layers.dense(features, cpu=cpu, dtype=self.dtype, name=f"head_hidden_{i}")
+      x_BxF = layers.gelu(hidden(x_BxF), self.gelu_approximate, cpu)
+      x_BxF = layers.dropout(self, x_BxF, self.head_dropout_rate, train, cpu)
+    if self.representation_size:
+      x_BxF = jnp.tanh(layers.dense(self.representation_size, cpu=cpu, dtype=self.dtype,
+                              name="pre_logits")(x_BxF))
+    return x_BxF

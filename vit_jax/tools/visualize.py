@@ -20,8 +20,8 @@ Public API:
   plot_training_curves(workdir) -> path; safe to call while training runs (atomic write)
   plot_patches(image_HxWxC, patch_size, path) -> path
   plot_attention(image_HxWxC, rollout_GhxGw, heads_HxGhxGw, title, path) -> path
-  attention_rollout(weights, class_token) -> B x Gh x Gw
-  last_layer_head_maps(weights, class_token) -> B x heads x Gh x Gw
+  attention_rollout(weights, class_token, num_registers=0) -> B x Gh x Gw
+  last_layer_head_maps(weights, class_token, num_registers=0) -> B x heads x Gh x Gw
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ _ATTENTION_BATCH = 8
 # --- Attention maths (pure) ------------------------------------------------------------
 
 
-def attention_rollout(weights: Sequence[np.ndarray], class_token: bool) -> np.ndarray:
+def attention_rollout(weights: Sequence[np.ndarray], class_token: bool,
+                      num_registers: int = 0) -> np.ndarray:
   """Attention rollout over all layers: B x Gh x Gw, each map summing to 1.
 
   weights: per layer, B x heads x T x T attention (rows sum to 1), first layer first.
@@ -67,24 +68,26 @@ def attention_rollout(weights: Sequence[np.ndarray], class_token: bool) -> np.nd
     rollout_BxTxT = a_BxTxT if rollout_BxTxT is None else a_BxTxT @ rollout_BxTxT
   if rollout_BxTxT is None:
     raise ValueError("No attention weights: the model has no layers.")
-  return _patch_maps(rollout_BxTxT, class_token)
+  return _patch_maps(rollout_BxTxT, class_token, num_registers)
 
 
-def last_layer_head_maps(weights: Sequence[np.ndarray], class_token: bool) -> np.ndarray:
+def last_layer_head_maps(weights: Sequence[np.ndarray], class_token: bool,
+                         num_registers: int = 0) -> np.ndarray:
   """The last layer's attention per head: B x heads x Gh x Gw, each map summing to 1."""
-  return _patch_maps(np.asarray(weights[-1], np.float64), class_token)
+  return _patch_maps(np.asarray(weights[-1], np.float64), class_token, num_registers)
 
 
-def _patch_maps(attn_xTxT: np.ndarray, class_token: bool) -> np.ndarray:
+def _patch_maps(attn_xTxT: np.ndarray, class_token: bool, num_registers: int) -> np.ndarray:
   """... x T x T attention -> ... x Gh x Gw over the patch tokens, normalised to sum 1.
 
   With a class token, its row (where the head reads from); without one, the mean over
-  all query tokens.
+  the patch tokens' rows. The tokens are [class token], [registers], patches.
   """
+  prefix = int(class_token) + num_registers
   if class_token:
-    maps_xN = attn_xTxT[..., 0, 1:]
+    maps_xN = attn_xTxT[..., 0, prefix:]
   else:
-    maps_xN = attn_xTxT.mean(axis=-2)
+    maps_xN = attn_xTxT[..., prefix:, prefix:].mean(axis=-2)
   total_x1 = maps_xN.sum(axis=-1, keepdims=True)
   maps_xN = maps_xN / np.where(total_x1 > 0, total_x1, 1.0)
   num_patches = maps_xN.shape[-1]
@@ -233,9 +236,9 @@ def make_pictures(workdir: str, images: Sequence[str], which: str = "best") -> l
   forward = predict.make_forward(trained, attention=True)
   probs_NxK, weights = predict.run_batched(forward, trained.params, images_NxHxWxC,
                                            _ATTENTION_BATCH)
-  class_token = trained.model.class_token
-  rollout_NxGxG = attention_rollout(weights, class_token)
-  heads_NxHxGxG = last_layer_head_maps(weights, class_token)
+  tokens = (trained.model.class_token, trained.model.num_registers)
+  rollout_NxGxG = attention_rollout(weights, *tokens)
+  heads_NxHxGxG = last_layer_head_maps(weights, *tokens)
   views_NxSxSxC = model_view(trained, images_NxHxWxC)
   out_dir = report.pictures_dir(workdir)
   image_pictures = []

@@ -4,7 +4,9 @@
   * a workdir of ours (with best/ or checkpoints/): its best checkpoint, else its latest;
   * one of our checkpoint step folders (WORKDIR/checkpoints/<step> or WORKDIR/best/<step>),
     or WORKDIR/checkpoints (WORKDIR/best) itself: its newest step;
-  * a `.npz` in one of the published ViT layouts (`vit_jax.models.convert`).
+  * a `.npz` in one of the published ViT layouts (`vit_jax.models.convert`);
+  * a published checkpoint by name ("augreg:ViT-B/16", `vit_jax.models.hub.CHECKPOINTS`) or
+    by URL (gs://... or https://...): downloaded once into `config.init_cache_dir`.
 Only parameters are read: the optimiser state, step, RNG and data position start fresh.
 How the file's arrays are matched to the model (new head, resampled position embedding,
 ...) is `convert.match`'s; the report says what was loaded, re-initialised and unused.
@@ -23,14 +25,18 @@ import numpy as np
 from absl import logging
 
 from vit_jax import errors
-from vit_jax.models import convert
+from vit_jax.models import convert, hub
 from vit_jax.train import checkpoints
 
 PyTree = Any
 
 
-def read_arrays(path: str) -> tuple[dict[str, np.ndarray], str]:
-  """Flat arrays of `path` (a .npz, a workdir or a step folder), and what was read."""
+def read_arrays(path: str, cache_dir: str) -> tuple[dict[str, np.ndarray], str]:
+  """Flat arrays of `path` (a .npz, a workdir, a step folder, or a published checkpoint's
+  name or URL, fetched into `cache_dir`), and what was read."""
+  if hub.is_name(path) or hub.is_url(path):
+    local = hub.resolve(path, cache_dir)
+    return convert.read_npz(local), f"{path} ({local})"
   if os.path.isfile(path):
     return convert.read_npz(path), f"{path} (.npz)"
   if os.path.isdir(path):
@@ -44,7 +50,8 @@ def load_params(config: ml_collections.ConfigDict,
   """`params` (a freshly initialised model) with values from `config.init_from`.
 
   Args:
-    config: a validated config; `init_from`, `init_head` and `init_pre_logits` are read.
+    config: a validated config; `init_from`, `init_cache_dir`, `init_head` and
+      `init_pre_logits` are read.
     params: the model's parameters, e.g. `TrainState.params` (any sharding).
 
   Returns:
@@ -52,10 +59,10 @@ def load_params(config: ml_collections.ConfigDict,
 
   Raises:
     errors.MissingCheckpointError / NotACheckpointError for a path that is not a
-    checkpoint; errors.CheckpointMismatchError for missing parameters or shapes that
-    cannot be adapted.
+    checkpoint; errors.CheckpointDownloadError for a name or URL that cannot be fetched;
+    errors.CheckpointMismatchError for missing parameters or shapes that cannot be adapted.
   """
-  flat, what = read_arrays(config.init_from)
+  flat, what = read_arrays(config.init_from, config.init_cache_dir)
   return convert.match(flat, params, init_head=config.init_head,
                        init_pre_logits=config.init_pre_logits, source=what)
 
