@@ -214,11 +214,13 @@ def _loop(run: _Run, state, train_step, batches, step: int):
   stop = preemption.StopSignal()
   best = run.store.best_meta()
   best_value = None if best is None else best["value"]
+  limit = parallel.DispatchLimit()  # Metrics are fetched only every log_every_steps.
   try:
     while step < config.total_steps:
       state, step_metrics = train_step(state, next(batches))
       step += 1
       run.metrics.on_device.append((step, step_metrics))
+      limit.add(step_metrics)
       is_last = step == config.total_steps
       stopping = not is_last and stop.should_stop(step)
       if step % config.log_every_steps == 0 or is_last:
