@@ -63,3 +63,6 @@ def test_eval_totals_over_many_batches_count_every_example_once():
   top1 = (logits.argmax(-1) == labels) & masks
   assert int(totals["count"]) == int(masks.sum())
   assert int(totals["top1_sum"]) == int(top1.sum())
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(confusion, (labels[masks], logits.argmax(-1)[masks]), 1)
+  np.testing.assert_array_equal(totals["confusion"], confusion)

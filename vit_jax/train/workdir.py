@@ -24,7 +24,7 @@ from vit_jax.train import checkpoints, optim, state as state_lib
 IDENTITY_KEYS = ("dataset", "model.name", "image_size")
 # What a run writes into its workdir: `start_over` deletes these and nothing else.
 RUN_ENTRIES = ("checkpoints", "best", "tensorboard", "pictures", "metrics.jsonl",
-               "config.json", "run.json", "final_metrics.json")
+               "config.json", "run.json", "final_metrics.json", "eval_per_class.json")
 
 
 def _get(config: dict, dotted: str):
