@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 from collections.abc import Sequence
 
 import ml_collections
@@ -39,7 +38,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from vit_jax import data, errors
+from vit_jax import data
 from vit_jax.data import augment
 from vit_jax.tools import evaluate, predict
 from vit_jax.train import report, workdir as workdir_lib
@@ -189,10 +188,7 @@ def _inputs(trained: workdir_lib.Trained, workdir: str, images: Sequence[str]
     paths = predict.expand_paths(images)
     readable, images_NxHxWxC, failures = predict.read_images(
         paths, workdir_lib.load_run(workdir)["image_shape"])
-    for error in failures.values():
-      print(error, file=sys.stderr, flush=True)
-    if not readable:
-      raise errors.NoReadableImageError(f"None of the {len(paths)} images could be read.")
+    predict.report_unreadable(paths, readable, failures)
     names = [f"{i:02d}_{os.path.splitext(os.path.basename(p))[0]}"
              for i, p in enumerate(readable)]
     return names, images_NxHxWxC, [None] * len(readable)

@@ -40,6 +40,14 @@ def _atomic_write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def check_folder(workdir: str) -> None:
+  """Refuses a workdir path that is a file (a new folder or an existing one is fine)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.NotAFolderError(
+        f"Workdir {workdir} is a file, not a folder: pass a folder (a new one is created) "
+        "as --workdir.")
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, num_classes: int) -> None:
   """Refuses a workdir that holds a run of another model or dataset."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
