@@ -9,6 +9,10 @@ r"""The vit_jax command line: train, eval, predict, visualize, export, bench.
 `--config` takes a recipe file (configs/NAME.py[:ARG]) or the name of an installed recipe
 (NAME[:ARG]: cifar100, cifar10, fashion_mnist, imagenet, finetune).
 
+Paths (flags and the config's data_dir, manual_dir, init_from) are relative to the
+current folder. A mistake the user can fix is one `ERROR: ...` line and exit status 1.
+The libraries' start-up lines and logs below errors are off unless --verbosity is given.
+
 Multi-host: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I to
 every process (found automatically on TPU pods and SLURM).
 """
@@ -130,7 +134,7 @@ def _config():
 
 
 def _check_usage(mode: str, workdir: str | None, config, output: str | None) -> None:
-  """Flags that the mode cannot do without, before anything is imported or touched."""
+  """Flags that the mode cannot do without: checked before jax starts or anything is read."""
   if workdir is None and mode != "bench":
     raise errors.UsageError(f"--mode={mode} needs --workdir=DIR.")
   if mode in ("train", "eval", "bench") and config is None:
