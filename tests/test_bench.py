@@ -168,6 +168,11 @@ def test_main_bench_mode_prints_the_table_and_one_json_line(tmp_path):
   _check_fields(result, devices=2)
   for label in ("train", "eval", "input", "compile", "devices"):
     assert any(line.startswith(label) for line in out.stdout.splitlines()), label
+  # The model as the config builds it: the registry's name and the fields it overrides.
+  assert result["model_overrides"] == TINY_OVERRIDES
+  overrides = ", ".join(f"{k}={v}" for k, v in result["model_overrides"].items())
+  assert ["model", f"ViT-Ti/4 with overrides {overrides} ({result['params']:,} params), "
+          "float32"] in [line.split(maxsplit=1) for line in out.stdout.splitlines()]
   # The persistent compilation cache: the first run writes the compiled train step, a
   # rerun finds it (and writes nothing new).
   entries = sorted(p.name for p in cache.iterdir())

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import logging
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from PIL import Image, ImageFile
 
@@ -232,6 +233,87 @@ def test_preemption_crash_and_damage_resume_bit_exact(fashion_mnist_dirs, env, t
 
 def train_state(workdir, which="latest"):
   return workdir_lib.load_trained(str(workdir), which)
+
+
+# --- The README's commands as typed: relative paths, a quiet console ------------------------
+
+
+def test_readme_commands_with_relative_paths(fashion_mnist_dirs, env, tmp_path):
+  """Every mode with every path relative to the current folder (tmp_path), as a newcomer
+  types the README's commands: the offline build announced in our words and no terminal
+  codes or library start-up lines in a log; a fine-tune from a config.init_from that does
+  not exist refused before anything is written."""
+  manual_dir, _ = fashion_mnist_dirs
+  env = {k: v for k, v in env.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # As a user has it.
+  common = ["--config=fashion_mnist", "--config.data_dir=tfds", *TINY,
+            f"--config.manual_dir={os.path.relpath(manual_dir, tmp_path)}"]
+  schedule = ["--config.total_steps=4", "--config.log_every_steps=2",
+              "--config.eval_every_steps=4", "--config.checkpoint_every_steps=4"]
+
+  def main(*args, returncode=0) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == returncode, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+  out = main(*common, *schedule, "--workdir=runs/pre")
+  console = out.stdout + out.stderr
+  assert (f"Preparing fashion_mnist in {tmp_path}/tfds/fashion_mnist/3.0.1 from manual_dir "
+          f"{manual_dir} ...\n") in out.stdout
+  assert re.search(r"^Prepared fashion_mnist: 70,000 examples in \d+ s\.$", out.stdout, re.M)
+  for noise in ("\x1b[", "\r", "Unknown size", "Downloading and preparing dataset",
+                "tensorflow", "oneDNN", "Traceback"):
+    assert noise not in console, (noise, console[-3000:])
+  assert not re.search(r"^[IWEF]\d{4} ", console, re.M), console[-3000:]  # absl/C++ logs.
+  assert steps_on_disk(tmp_path / "runs" / "pre", "best") == [4]
+
+  # Export (the README's command) of the best and of the latest checkpoint.
+  out = main("--mode=export", "--workdir=runs/pre", "--output=pre.npz")
+  assert out.stdout.splitlines()[-1] == (f"Wrote {tmp_path}/pre.npz from "
+                                         f"{tmp_path}/runs/pre/best/4.")
+  main("--mode=export", "--workdir=runs/pre", "--output=latest.npz", "--checkpoint=latest")
+  with np.load(tmp_path / "pre.npz") as best, np.load(tmp_path / "latest.npz") as latest:
+    assert sorted(best) == sorted(latest) and "head/kernel" in best
+
+  # A fine-tune from a checkpoint that is not there: one line, into a new workdir and into
+  # one with a file of the user's; neither is touched.
+  (tmp_path / "runs" / "mine").mkdir()
+  (tmp_path / "runs" / "mine" / "notes.txt").write_text("mine")
+  before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("*"))
+  for workdir in ("runs/ft", "runs/mine"):
+    out = main(*common, f"--workdir={workdir}", "--config.init_from=runs/nothere",
+               returncode=1)
+    assert (out.stdout, out.stderr) == ("", f"ERROR: config.init_from="
+                                            f"{str(tmp_path / 'runs' / 'nothere')!r} does not "
+                                            "exist.\n")
+  assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("*")) == before
+
+  # The README's fine-tuning recipe, init_from relative.
+  out = main(*common, *schedule, "--workdir=runs/ft", "--config.init_from=runs/pre")
+  assert f"Initialised from {tmp_path}/runs/pre/best/4 (our checkpoint)" in out.stdout
+
+  # Eval: the JSON line, and per class the counts and the confusion matrix.
+  out = main("--mode=eval", *common, "--workdir=runs/pre")
+  result = json.loads(out.stdout.splitlines()[-1])
+  assert result["per_class"] == f"{tmp_path}/runs/pre/eval_per_class.json"
+  assert result["confusion_matrix"] == f"{tmp_path}/runs/pre/pictures/confusion_matrix.png"
+  per_class = json.loads((tmp_path / "runs" / "pre" / "eval_per_class.json").read_text())
+  matrix = np.asarray(per_class["confusion_matrix"])
+  assert matrix.shape == (10, 10) and matrix.sum() == result["eval/num_examples"] == 300
+  assert np.trace(matrix) / 300 == result["eval/top1"] == per_class["eval/top1"]
+  assert [row["examples"] for row in per_class["per_class"]] == matrix.sum(1).tolist()
+  assert [row["correct"] for row in per_class["per_class"]] == np.diag(matrix).tolist()
+  assert per_class["per_class"][0]["class"] == "T-shirt/top"
+  assert os.path.isfile(result["confusion_matrix"])
+
+  # Predict and visualize an image given relative to the current folder.
+  Image.new("L", (28, 28), 200).save(tmp_path / "boot.png")
+  out = main("--mode=predict", "--workdir=runs/pre", "--images=boot.png", "--format=json")
+  assert json.loads(out.stdout.splitlines()[-1])["image"] == f"{tmp_path}/boot.png"
+  main("--mode=visualize", "--workdir=runs/pre", "--images=boot.png")
+  pictures = sorted(os.listdir(tmp_path / "runs" / "pre" / "pictures"))
+  assert pictures == ["attention_00_boot.png", "confusion_matrix.png", "patches_00_boot.png",
+                      "training_curves.png"]
 
 
 # --- 3: damaged checkpoints, in-process -----------------------------------------------------
@@ -556,8 +638,7 @@ def test_command_line_config_mistakes(flag, message, capsys):
   with pytest.raises(SystemExit) as exit_:
     cli.parse_flags(argv, flag_values)
   assert exit_.value.code == 1
-  assert capsys.readouterr().err == (f"FATAL Flags parsing error: {message}\n"
-                                     "Pass --helpshort or --helpfull to see help on flags.\n")
+  assert capsys.readouterr().err == f"ERROR: {message}\n"
 
 
 # --- 7: data mistakes ----------------------------------------------------------------------
@@ -596,6 +677,68 @@ def test_workdir_and_batch_mistakes_print_one_error_line_from_main(tmp_path, arg
   assert (out.returncode, out.stderr.splitlines()[-1]) == (
       1, "ERROR: " + message.format(w=workdir)), out.stderr[-3000:]
   assert "Traceback" not in out.stderr
+
+
+def _recipes() -> str:
+  return "cifar10, cifar100, fashion_mnist, finetune, imagenet"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/cifar1000.py", "--workdir={t}/w"],
+     f"--config=configs/cifar1000.py: there is no file configs/cifar1000.py (from {REPO}). "
+     f"Did you mean cifar100? The recipes: {_recipes()}, by name (--config=NAME) or as a "
+     "path to the file."),
+    (["--config=fashion_mnsit", "--workdir={t}/w"],
+     "--config=fashion_mnsit: no recipe 'fashion_mnsit'. Did you mean fashion_mnist? Use "
+     f"one of {_recipes()}, or a path to a recipe file."),
+    (["--mode=eval", "--workdir={t}/w"],
+     f"--mode=eval needs --config=NAME (one of {_recipes()}) or --config=PATH/TO/RECIPE.py."),
+    (["--mode=export", "--workdir={t}/w"],
+     "--mode=export needs --output=PATH.npz (the file to write)."),
+    (["--mode=predict", "--images=a.png"], "--mode=predict needs --workdir=DIR."),
+    (["--config=fashion_mnist", "--workdir={t}/w", "train"],
+     "Unexpected arguments train: every setting is a flag, e.g. --workdir=DIR (main.py "
+     "--helpshort lists them)."),
+    (["--config=fashion_mnist:big", "--workdir={t}/w"],
+     f"flag --config={REPO}/configs/fashion_mnist.py:big: Error whilst parsing config "
+     "file: ValueError: configs/fashion_mnist.py takes no argument (got 'big')."),
+    (["--config=fashion_mnist", "--workdir={t}/a_file"],
+     "Workdir {t}/a_file is a file, not a folder: pass a folder (a new one is created) as "
+     "--workdir."),
+    (["--mode=predict", "--workdir={t}/run", "--images={t}/boot.jpg"],
+     "Cannot read image {t}/boot.jpg: there is no such file."),
+])
+def test_newcomer_mistakes_are_one_line_from_main(tmp_path, args, message):
+  """Each mistake of a first hour with the README: exactly one line on the console, exit
+  status 1, nothing written."""
+  (tmp_path / "a_file").write_text("notes")
+  config = base_config()  # A workdir with a run's files but no checkpoint.
+  (tmp_path / "run").mkdir()
+  workdir_lib.write_run_files(str(tmp_path / "run"), config, class_names=["a", "b"],
+                              image_shape=(8, 8, 1), mean_C=np.zeros(1), std_C=np.ones(1))
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  out = subprocess.run(
+      [sys.executable, str(REPO / "main.py"), *[a.format(t=tmp_path) for a in args]],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+  assert (out.returncode, out.stdout, out.stderr) == (
+      1, "", f"ERROR: {message.format(t=tmp_path)}\n")
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_console_quiet_unless_verbosity_is_given():
+  code = ("import os, sys; from absl import flags, logging; from vit_jax import cli; "
+          "flags.FLAGS(['main.py', *sys.argv[1:]]); cli._quiet_console(); "
+          "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), logging.get_verbosity())")
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+
+  def quiet(*flags) -> str:
+    return subprocess.run([sys.executable, "-c", code, *flags], capture_output=True,
+                          text=True, check=True, env=env).stdout.strip()
+
+  assert quiet() == f"2 {logging.ERROR}"  # TF_CPP_MIN_LOG_LEVEL=2: errors only.
+  # As jax leaves it when it is imported (1: no INFO), and every Python log from INFO up.
+  assert quiet("--verbosity=0") == f"1 {logging.INFO}"
 
 
 def save(image: Image.Image, path: pathlib.Path, **kwargs) -> pathlib.Path:
@@ -679,6 +822,12 @@ def test_broken_image_files_are_named(tmp_path, kind):
   with pytest.raises(ValueError, match=rf"^Cannot read image {re.escape(str(path))}: .+\. "
                      r"Replace or remove the file\.$"):
     decode.decode_file(path, 8)
+
+
+def test_a_missing_image_file_is_said_to_be_missing(tmp_path):
+  with pytest.raises(errors.DataError) as error:
+    decode.decode_file(tmp_path / "boot.jpg", 8)
+  assert str(error.value) == f"Cannot read image {tmp_path / 'boot.jpg'}: there is no such file."
 
 
 def test_labels_outside_the_classes_name_split_and_values():

@@ -80,3 +80,41 @@ def test_finalize_eval_values():
   assert type(result["eval/num_examples"]) is int and type(result["eval/loss"]) is float
   with pytest.raises(ValueError, match="no evaluation examples"):
     metrics.finalize_eval({"loss_sum": 0.0, "top1_sum": 0, "top5_sum": 0, "count": 0})
+
+
+def test_confusion_matrix_counts_every_unmasked_row_once():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(40, 4)).astype(np.float32)
+  logits[5] = [1.0, 3.0, 3.0, 0.0]  # A tie: the lower class (1) is the top-1, as top_k says.
+  labels = rng.integers(0, 4, 40)
+  labels[5] = 2
+  mask = rng.random(40) < 0.8
+  mask[5] = True
+  logits[~mask] = np.nan  # Padding rows with garbage: never counted.
+  sums = jax.jit(metrics.eval_sums)(logits, labels, mask)
+  predicted = np.where(np.isnan(logits).any(-1), 0, np.argmax(np.nan_to_num(logits), -1))
+  expected = np.zeros((4, 4), np.int64)
+  np.add.at(expected, (labels[mask], predicted[mask]), 1)
+  assert expected[2, 1] >= 1  # The tie went to class 1.
+  np.testing.assert_array_equal(sums["confusion"], expected)
+  assert sums["confusion"].dtype == jnp.int32
+  assert int(np.trace(sums["confusion"])) == int(sums["top1_sum"])
+  assert int(np.sum(sums["confusion"])) == int(sums["count"]) == int(mask.sum())
+
+  rows = metrics.per_class(sums["confusion"], ["a", "b", "c", "d"])
+  assert [r["class"] for r in rows] == ["a", "b", "c", "d"]
+  assert [r["examples"] for r in rows] == [int((labels[mask] == k).sum()) for k in range(4)]
+  for k, row in enumerate(rows):
+    on_class = mask & (labels == k)
+    assert row["correct"] == int((predicted[on_class] == k).sum())
+    assert row["accuracy"] == row["correct"] / row["examples"]
+
+
+def test_per_class_of_a_class_without_examples_and_a_wrong_shape():
+  confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 4]])
+  assert metrics.per_class(confusion, ["x", "y", "z"]) == [
+      {"class": "x", "examples": 4, "correct": 3, "accuracy": 0.75},
+      {"class": "y", "examples": 0, "correct": 0, "accuracy": None},
+      {"class": "z", "examples": 6, "correct": 4, "accuracy": 4 / 6}]
+  with pytest.raises(ValueError, match=r"^A \(3, 3\) confusion matrix for 2 class names\.$"):
+    metrics.per_class(confusion, ["x", "y"])

@@ -157,10 +157,10 @@ def test_a_workdir_the_processes_do_not_share_is_refused(fashion_mnist_dirs, tmp
        f"--process_id={i}"], cwd=tmp_path / f"host{i}", env=env_with(4),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
+  for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
     assert p.returncode == 1, err[-2000:]
-    assert err.splitlines()[-1] == (
-        "ERROR: --workdir=run is not shared by the 2 processes: process(es) 1 cannot see "
+    assert err.splitlines()[-1] == (  # The workdir as each process made it absolute.
+        f"ERROR: --workdir={tmp_path}/host{i}/run is not shared by the 2 processes: process(es) 1 cannot see "
         "the file process 0 wrote there. A multi-host run needs one folder every host sees: "
         "a shared file system (NFS, a mounted bucket) or a gs:// path, given as an absolute "
         "path."), err[-2000:]

@@ -131,6 +131,32 @@ def test_patch_and_attention_pictures(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["a.png", "patches.png"]  # No temporary files left.
 
 
+def test_every_attention_map_has_a_colour_bar_of_its_scale():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  maps = rng.random((4, 4, 4))  # The rollout and 3 heads.
+  maps /= maps.sum(axis=(1, 2), keepdims=True)
+  fig = visualize.attention_figure(image, maps[0], maps[1:], "title")
+  bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+  assert len(bars) == 4
+  # Each bar runs from 0 to its own map's largest value (upsampled to the image).
+  for bar, map_GxG in zip(bars, maps):
+    norm = bar._colorbar.mappable.norm
+    assert norm.vmin == 0
+    np.testing.assert_allclose(norm.vmax, visualize.upsample(map_GxG, (16, 16)).max(),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_classes", [3, 100])
+def test_confusion_matrix_picture(tmp_path, num_classes):
+  confusion = np.arange(num_classes * num_classes).reshape(num_classes, num_classes)
+  names = [f"class {k}" for k in range(num_classes)]
+  path = report.plot_confusion_matrix(confusion, names, "title", str(tmp_path / "c.png"))
+  side = min(3.0 + 0.45 * num_classes, 16.0)
+  assert png_size(path) == inches_to_pixels(side + 1.5, side)
+  assert os.listdir(tmp_path) == ["c.png"]
+
+
 def write_metrics(workdir, with_val: bool) -> None:
   rows = [{"step": s, "train/loss": 2.0 / s ** 0.3, "train/lr": 1e-3}
           for s in range(10, 210, 10)]
@@ -210,28 +236,41 @@ def random_workdir(random_run, monkeypatch):
 
 def test_make_pictures_of_the_eval_split(random_workdir):
   (random_workdir / "metrics.jsonl").unlink(missing_ok=True)
+  (random_workdir / "eval_per_class.json").unlink(missing_ok=True)
   written = visualize.make_pictures(str(random_workdir), [], "best")
   names = sorted(os.path.basename(p) for p in written)
-  # No metrics.jsonl: no curves. The eval split ("test") has 4 images: all are drawn.
-  assert names == sorted(f"{kind}_test_{i}.png" for kind in ("attention", "patches")
-                         for i in range(4))
+  # No metrics.jsonl: no curves. The eval split ("test") has 4 images: all are drawn, and
+  # scored for the confusion matrix (no --mode=eval before).
+  assert names == sorted(["confusion_matrix.png"] + [
+      f"{kind}_test_{i}.png" for kind in ("attention", "patches") for i in range(4)])
   panel = visualize.PANEL_INCHES
   for path in written:
     assert os.path.dirname(path) == str(random_workdir / "pictures")
     expected = (inches_to_pixels(4 * panel, panel + 0.6) if "attention" in path
-                else inches_to_pixels(2 * panel, panel + 0.4))
+                else inches_to_pixels(2 * panel, panel + 0.4) if "patches" in path
+                else inches_to_pixels(3.0 + 0.45 * 2 + 1.5, 3.0 + 0.45 * 2))
     assert png_size(path) == expected
   assert any(name.startswith("events") for name in os.listdir(random_workdir / "tensorboard"))
+  per_class = json.loads((random_workdir / "eval_per_class.json").read_text())
+  assert (per_class["step"], per_class["checkpoint"], per_class["split"]) == (7, "best", "test")
+  assert np.sum(per_class["confusion_matrix"]) == per_class["eval/num_examples"] == 4
+  assert [row["examples"] for row in per_class["per_class"]] == [2, 2]
 
 
 def test_make_pictures_of_files(random_workdir, tmp_path, capsys):
   write_metrics(random_workdir, with_val=False)
   grey = tmp_path / "odd grey.jpg"
   Image.new("L", (30, 17), 128).save(grey)
+  # The confusion matrix of this step, as --mode=eval saved it: drawn, not recomputed.
+  saved = {"step": 7, "checkpoint": "best", "split": "test", "eval/top1": 0.25,
+           "eval/num_examples": 4, "confusion_matrix": [[1, 1], [2, 0]]}
+  (random_workdir / "eval_per_class.json").write_text(json.dumps(saved))
   written = visualize.make_pictures(str(random_workdir),
                                     [str(grey), str(tmp_path / "missing.png")], "best")
   assert [os.path.basename(p) for p in written] == [
-      "training_curves.png", "patches_00_odd-grey.png", "attention_00_odd-grey.png"]
+      "training_curves.png", "confusion_matrix.png", "patches_00_odd-grey.png",
+      "attention_00_odd-grey.png"]
+  assert json.loads((random_workdir / "eval_per_class.json").read_text()) == saved
   assert "missing.png" in capsys.readouterr().err
 
 

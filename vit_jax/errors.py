@@ -11,6 +11,13 @@ class UserError(Exception):
   """A mistake in the run's input whose message names the problem and the fix."""
 
 
+# --- The command line ----------------------------------------------------------------------
+
+
+class UsageError(UserError, ValueError):
+  """A command line that lacks a flag its mode needs, or has arguments it does not take."""
+
+
 # --- Config --------------------------------------------------------------------------------
 
 
@@ -30,6 +37,10 @@ class MissingDataError(DataError, FileNotFoundError):
 
 
 # --- Workdirs and checkpoints ----------------------------------------------------------------
+
+
+class NotAFolderError(UserError, NotADirectoryError):
+  """A path that must be a folder (a workdir) is a file."""
 
 
 class WorkdirMismatchError(UserError, ValueError):

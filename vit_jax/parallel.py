@@ -7,6 +7,7 @@ compiled step holds parameter all-gathers and gradient reductions only.
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 
@@ -131,3 +132,39 @@ def to_host(x) -> np.ndarray:
 def sync(name: str) -> None:
   """Waits until every process of the run gets here (a no-op for one process)."""
   multihost_utils.sync_global_devices(name)
+
+
+# --- Pacing the host -------------------------------------------------------------------------
+
+# How many dispatched steps the host may run ahead of the devices. XLA's CPU client admits
+# at most 32 unfinished programs per device: the launch of the 33rd blocks a thread of the
+# pool that also runs the devices' executions. With several CPU devices in one process
+# (--xla_force_host_platform_device_count, as in the tests) a program with a collective
+# needs all of them running at once; with some of those threads blocked in launches it
+# waits at the rendezvous for good, and XLA aborts the process after 40 s ("Termination
+# timeout for `all reduce ...`", "Fatal Python error: Aborted"). A few steps ahead keep the
+# devices as busy as many do.
+MAX_STEPS_AHEAD = 8
+
+
+class DispatchLimit:
+  """Keeps the host at most `steps_ahead` dispatched steps ahead of the devices.
+
+    limit = DispatchLimit()
+    for batch in batches:
+      state, metrics = step(state, batch)
+      limit.add(metrics)   # Waits for the step `steps_ahead` before this one.
+
+  `add` takes any output of a step (not one donated to a later step); once the host is
+  more than `steps_ahead` steps ahead it waits for the oldest one's output. A device runs
+  its programs in the order they were dispatched, so what came before it is done too.
+  """
+
+  def __init__(self, steps_ahead: int = MAX_STEPS_AHEAD):
+    self._pending = collections.deque()
+    self._steps_ahead = steps_ahead
+
+  def add(self, outputs) -> None:
+    self._pending.append(outputs)
+    if len(self._pending) > self._steps_ahead:
+      jax.block_until_ready(self._pending.popleft())

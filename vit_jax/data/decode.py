@@ -67,6 +67,8 @@ def decode_file(path: Path, size: int) -> np.ndarray:
         image = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
       else:
         image = np.asarray(pil.convert("L" if is_grey(pil.mode) else "RGB"))
+  except FileNotFoundError:
+    raise errors.DataError(f"Cannot read image {path}: there is no such file.") from None
   except PIL_READ_ERRORS as e:
     raise errors.DataError(f"Cannot read image {path}: {e or type(e).__name__}. Replace or remove "
                      "the file.") from e

@@ -13,12 +13,16 @@ failed build leaves nothing behind in `config.data_dir`.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
+import io
 import itertools
 import os
 import shutil
 import socket
+import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -94,12 +98,17 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
   if builder.is_prepared():
     return builder
   _hide_accelerators_from_tensorflow()
+  if not sys.stderr.isatty():  # tqdm's bars: in a log file, lines of escape codes.
+    tfds.disable_progress_bar()
+  # TFDS announces a build from files with "Unknown size" everywhere: ours instead.
+  tfds_says = contextlib.nullcontext()
   if config.manual_dir:
     _check_manual_dir(builder, Path(config.manual_dir))
     print(f"Preparing {builder.name} in {builder.data_path} from manual_dir "
           f"{config.manual_dir} ...", flush=True)
     download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir,
                                                    try_download_gcs=False)
+    tfds_says = contextlib.redirect_stdout(io.StringIO())
   else:
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
       raise errors.MissingDataError(
@@ -113,11 +122,13 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
   # around that (the dataset's parent folders) goes too, so no trace of a failed
   # build is left for a later run to trip over.
   new_dir = _first_missing_dir(builder)
+  start = time.time()
   try:
-    builder.download_and_prepare(
-        download_config=download_config,
-        file_format="array_record" if _streams(builder) and _array_record_installed()
-        else None)
+    with tfds_says:
+      builder.download_and_prepare(
+          download_config=download_config,
+          file_format="array_record" if _streams(builder) and _array_record_installed()
+          else None)
   except BaseException as e:
     if new_dir is not None:
       shutil.rmtree(new_dir, ignore_errors=True)
@@ -127,6 +138,9 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
         f"Could not download {builder.name} ({type(e).__name__}: {e}). Without network, "
         f"put {_manual_files_hint(builder)} in a folder and set config.manual_dir to "
         "it.") from e
+  examples = sum(split.num_examples for split in builder.info.splits.values())
+  print(f"Prepared {builder.name}: {examples:,} examples in {time.time() - start:.0f} s.",
+        flush=True)
   return builder
 
 

@@ -166,10 +166,8 @@ def predict_files(workdir: str, images: Sequence[str], which: str = "best",
         f"{'/'.join(decode.IMAGE_EXTENSIONS)} files (--images=a.jpg,folder/).")
   run = workdir_lib.load_run(workdir)
   readable, images_NxHxWxC, failures = read_images(paths, run["image_shape"])
-  for error in failures.values():
-    print(error, file=sys.stderr, flush=True)
-  probs = {}
   if readable:
+    report_unreadable(paths, readable, failures)
     probs = dict(zip(readable, _probabilities(workdir, which, images_NxHxWxC)))
   results = [{"image": path, "error": failures[path]} if path in failures else
              {"image": path, "top5": top_k(probs[path], run["class_names"])}
@@ -178,6 +176,21 @@ def predict_files(workdir: str, images: Sequence[str], which: str = "best",
     print("\n".join(json.dumps(r) for r in results), flush=True)
   elif readable:
     print(format_table(results), flush=True)
+  report_unreadable(paths, readable, failures)
+  return results
+
+
+def report_unreadable(paths: Sequence[str], readable: Sequence[str],
+                      failures: dict[str, str]) -> None:
+  """Prints why each unreadable file failed (stderr) while some others could be read.
+
+  Raises:
+    errors.NoReadableImageError when none could be read: the reason itself for one file,
+    after the per-file lines for several.
+  """
+  if not readable and len(paths) == 1:
+    raise errors.NoReadableImageError(failures[paths[0]])
+  for error in failures.values():
+    print(error, file=sys.stderr, flush=True)
   if not readable:
     raise errors.NoReadableImageError(f"None of the {len(paths)} images could be read.")
-  return results

@@ -3,8 +3,10 @@ r"""Pictures of a run: training curves, an image cut into patches, attention map
   python main.py --mode=visualize --workdir=DIR [--images=a.jpg,folder/] [--checkpoint=latest]
 
 writes PNG files into DIR/pictures/ (and the image pictures into DIR/tensorboard, beside the
-scalars): `training_curves.png`, and per image `patches_NAME.png` and `attention_NAME.png`.
-Without --images, a few examples of the eval split are drawn. Files are decoded and
+scalars): `training_curves.png`, `confusion_matrix.png` (from --mode=eval's
+eval_per_class.json for the same checkpoint, else by evaluating the eval split), and per
+image `patches_NAME.png` and `attention_NAME.png`, each map with a colour bar. Without
+--images, a few examples of the eval split are drawn. Files are decoded and
 preprocessed as `vit_jax.predict` does, i.e. as evaluation does.
 
 Attention maps (on the image as the model sees it, after eval preprocessing):
@@ -20,6 +22,7 @@ Public API:
   plot_training_curves(workdir) -> path; safe to call while training runs (atomic write)
   plot_patches(image_HxWxC, patch_size, path) -> path
   plot_attention(image_HxWxC, rollout_GhxGw, heads_HxGhxGw, title, path) -> path
+  confusion_picture(trained, workdir, which) -> path
   attention_rollout(weights, class_token, num_registers=0) -> B x Gh x Gw
   last_layer_head_maps(weights, class_token, num_registers=0) -> B x heads x Gh x Gw
 """
@@ -28,7 +31,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 from collections.abc import Sequence
 
 import ml_collections
@@ -36,9 +38,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from vit_jax import data, errors
+from vit_jax import data
 from vit_jax.data import augment
-from vit_jax.tools import predict
+from vit_jax.tools import evaluate, predict
 from vit_jax.train import report, workdir as workdir_lib
 
 PANEL_INCHES = 2.5  # Side of one image panel.
@@ -144,7 +146,15 @@ def plot_patches(image_HxWxC: np.ndarray, patch_size: int, path: str) -> str:
 
 def plot_attention(image_HxWxC: np.ndarray, rollout_GhxGw: np.ndarray,
                    heads_HxGhxGw: np.ndarray, title: str, path: str) -> str:
-  """The image, its attention rollout and each last-layer head's map, overlaid."""
+  """The image, its attention rollout and each last-layer head's map, overlaid, each map
+  with a colour bar of its scale (`attention_figure`), as a PNG file."""
+  return report.save_png(attention_figure(image_HxWxC, rollout_GhxGw, heads_HxGhxGw, title),
+                         path)
+
+
+def attention_figure(image_HxWxC: np.ndarray, rollout_GhxGw: np.ndarray,
+                     heads_HxGhxGw: np.ndarray, title: str) -> Figure:
+  """The figure of `plot_attention`."""
   panels = [("image", None), ("rollout, all layers", rollout_GhxGw)]
   panels += [(f"last layer, head {h + 1}", m) for h, m in enumerate(heads_HxGhxGw)]
   cols = min(len(panels), MAX_COLUMNS)
@@ -156,12 +166,15 @@ def plot_attention(image_HxWxC: np.ndarray, rollout_GhxGw: np.ndarray,
     _show(ax, image_HxWxC)
     if map_GhxGw is not None:
       # From 0, not from the map's minimum: a near-uniform map must not look peaked.
-      ax.imshow(upsample(map_GhxGw, image_HxWxC.shape[:2]), cmap="jet", alpha=0.5, vmin=0)
+      overlay = ax.imshow(upsample(map_GhxGw, image_HxWxC.shape[:2]), cmap="jet", alpha=0.5,
+                          vmin=0)
+      # The scale of each map: the share of the attention that a patch gets.
+      fig.colorbar(overlay, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
     ax.set_title(name, fontsize=9)
   for ax in axes[len(panels):]:
     ax.set_axis_off()
   fig.suptitle(title)
-  return report.save_png(fig, path)
+  return fig
 
 
 # --- A workdir's pictures ------------------------------------------------------------
@@ -178,10 +191,7 @@ def _inputs(trained: workdir_lib.Trained, workdir: str, images: Sequence[str]
     paths = predict.expand_paths(images)
     readable, images_NxHxWxC, failures = predict.read_images(
         paths, workdir_lib.load_run(workdir)["image_shape"])
-    for error in failures.values():
-      print(error, file=sys.stderr, flush=True)
-    if not readable:
-      raise errors.NoReadableImageError(f"None of the {len(paths)} images could be read.")
+    predict.report_unreadable(paths, readable, failures)
     names = [f"{i:02d}_{os.path.splitext(os.path.basename(p))[0]}"
              for i, p in enumerate(readable)]
     return names, images_NxHxWxC, [None] * len(readable)
@@ -216,8 +226,19 @@ def _add_to_tensorboard(workdir: str, paths: Sequence[str], step: int) -> None:
       writer.add_image(tag, image_HxWxC, step, dataformats="HWC")
 
 
+def confusion_picture(trained: workdir_lib.Trained, workdir: str, which: str) -> str:
+  """workdir/pictures/confusion_matrix.png of `trained`'s checkpoint: drawn from the
+  eval_per_class.json of `--mode=eval` when that scored this step, else by evaluating
+  the run's eval split now (which writes the file)."""
+  saved = evaluate.read_per_class(workdir)
+  if saved is not None and saved["step"] == trained.step:
+    return evaluate.plot_per_class(saved, trained.class_names, workdir)
+  return evaluate.evaluate_trained(trained, workdir, which)["confusion_matrix"]
+
+
 def make_pictures(workdir: str, images: Sequence[str], which: str = "best") -> list[str]:
-  """Training curves (when metrics exist), and patches and attention maps per image.
+  """Training curves (when metrics exist), the confusion matrix, and patches and attention
+  maps per image.
 
   Args:
     workdir: a training workdir; pictures go to workdir/pictures/ and TensorBoard.
@@ -232,6 +253,7 @@ def make_pictures(workdir: str, images: Sequence[str], which: str = "best") -> l
   if report.read_metrics(workdir):
     written.append(report.plot_training_curves(workdir))
   trained = workdir_lib.load_trained(workdir, which)
+  written.append(confusion_picture(trained, workdir, which))
   names, images_NxHxWxC, true_labels = _inputs(trained, workdir, images)
   forward = predict.make_forward(trained, attention=True)
   probs_NxK, weights = predict.run_batched(forward, trained.params, images_NxHxWxC,

@@ -48,10 +48,17 @@ class Restored:
   meta: dict
 
 
+def _absolute(path: str) -> str:
+  """Orbax takes absolute paths only: a local path made absolute; a URL (gs://...) kept."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def _manager(path: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(path), options=ocp.CheckpointManagerOptions(
-          max_to_keep=keep, create=True, enable_async_checkpointing=False,
+      _absolute(path), options=ocp.CheckpointManagerOptions(
+          # The folder is made by the first save (`CheckpointStore._save`): opening a
+          # workdir to look for checkpoints changes nothing in it.
+          max_to_keep=keep, create=False, enable_async_checkpointing=False,
           # Leftovers of a save killed midway are removed at start-up.
           cleanup_tmp_directories=True),
       item_names=("state", "data", "meta"))
@@ -213,6 +220,7 @@ class CheckpointStore:
       # past it): this run has just recomputed the step, so its state replaces it.
       manager.delete(step)
     meta = {"step": step, **meta, "checksums": checksums(state)}
+    epath.Path(manager.directory).mkdir(parents=True, exist_ok=True)
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -354,7 +362,7 @@ def read_checkpoint_params(step_dir: str) -> dict[str, np.ndarray]:
   """
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    path = epath.Path(step_dir) / "state"
+    path = epath.Path(_absolute(step_dir)) / "state"
     tree = handler.metadata(path).tree
     if "params" not in tree:
       raise errors.NotACheckpointError(

@@ -46,8 +46,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     other errors.UserError kinds for config, data and workdir mistakes.
   """
   # --------------------------------------------------------------------------- Mesh
-  _check_before_starting(config, workdir)
+  config_lib.validate(config)
+  workdir_lib.check_folder(workdir)
   mesh = parallel.make_mesh()
+  parallel.check_batch_divides(config.batch_size)
+  parallel.check_batch_divides(config.eval_batch_size, "config.eval_batch_size")
+  workdir_lib.check_shared(workdir)
 
   # -------------------------------------------------------------------------- Input
   train_source = data.load_source(config, config.train_split)
@@ -70,16 +74,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                             image_shape_HWC=input_shape, fsdp=config.fsdp,
                                             ema=config.ema_decay > 0)
 
-  # ------------------------------------------------------------------------- Resume
-  store = checkpoints.CheckpointStore(workdir, config.keep_checkpoints)
-  restored = _restore(store, state, shardings, workdir, config)
-  # Written once the run's checkpoints are known to fit this config: a refused rerun
-  # leaves the workdir's record of its run as it was.
+  # ------------------------------------------------------------------ Resume or start
+  store, restored, batches, state = _resume_or_start(config, workdir, state, shardings,
+                                                     train_source, mesh)
+  # The first write into the workdir: the run is known to start.
+  os.makedirs(workdir, exist_ok=True)
   workdir_lib.write_run_files(workdir, config, class_names=train_source.class_names,
                               image_shape=train_source.image_shape, mean_C=mean_C,
                               std_C=std_C)
   writer = report.MetricsWriter(workdir)
-  state, start_step = _start_or_resume(config, workdir, state, restored, store, writer)
+  start_step = _resume(config, workdir, restored, store, writer)
 
   # -------------------------------------------------------------------------- Steps
   train_step = steps.make_train_step(config, model, tx, mesh, shardings,
@@ -89,10 +93,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         config.eval_batch_size, mesh)
 
   # --------------------------------------------------------------------------- Loop
-  batches = pipeline.train_iterator(train_source, batch_size=config.batch_size,
-                                    seed=config.seed, mesh=mesh, start_step=start_step)
-  if restored is not None:
-    batches.set_state(restored.data_state)  # Refuses a state from another seed/batch/data.
   unlogged = list(restored.meta.get("unlogged", [])) if restored is not None else []
   run = _Run(config, workdir, store, writer, evaluate, metrics=_StepMetrics(unlogged),
              select=(val_source or eval_source, "val" if val_source is not None else "eval"),
@@ -169,31 +169,42 @@ class _Run:
   last_eval: dict = dataclasses.field(default_factory=dict)
 
 
-def _check_before_starting(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """What can be wrong before any data or checkpoint is read: the config, the batch sizes
-  against the devices, a workdir the processes of a multi-host run do not share."""
-  config_lib.validate(config)
-  parallel.check_batch_divides(config.batch_size)
-  parallel.check_batch_divides(config.eval_batch_size, "config.eval_batch_size")
-  workdir_lib.check_shared(workdir)
-  os.makedirs(workdir, exist_ok=True)
+def _resume_or_start(config, workdir: str, state, shardings, train_source: data.Source,
+                     mesh) -> tuple[checkpoints.CheckpointStore, checkpoints.Restored | None,
+                                    pipeline.TrainIterator, Any]:
+  """(store, restored, training batches, state): the run in the workdir, or a new one with
+  its parameters from config.init_from.
+
+  Everything that can refuse the run (a checkpoint of another train state, the data state
+  of another run, a config.init_from that cannot be read) happens here, before anything is
+  written: a failed start leaves the workdir as it was.
+  """
+  store = checkpoints.CheckpointStore(workdir, config.keep_checkpoints)
+  restored = _restore(store, state, shardings, workdir, config)
+  batches = pipeline.train_iterator(train_source, batch_size=config.batch_size,
+                                    seed=config.seed, mesh=mesh,
+                                    start_step=restored.step if restored is not None else 0)
+  if restored is not None:
+    batches.set_state(restored.data_state)  # Refuses a state from another seed/batch/data.
+    state = restored.state
+  elif config.init_from:  # Read for a new run only: a resumed one has its own parameters.
+    params = pretrained.load_into(config, state.params)
+    state = state.replace(params=params, ema_params=(
+        None if state.ema_params is None else state_lib.ema_of(params)))
+  return store, restored, batches, state
 
 
-def _start_or_resume(config, workdir: str, state, restored: checkpoints.Restored | None,
-                     store: checkpoints.CheckpointStore, writer: report.MetricsWriter):
-  """(state, first step): the restored run, else a fresh one (from config.init_from)."""
+def _resume(config, workdir: str, restored: checkpoints.Restored | None,
+            store: checkpoints.CheckpointStore, writer: report.MetricsWriter) -> int:
+  """The first step: 0 for a new run; a resumed run says so and drops what its crashed
+  predecessor logged or kept past its checkpoint (recomputed from here)."""
   if restored is None:
-    if config.init_from:
-      params = pretrained.load_into(config, state.params)
-      state = state.replace(params=params, ema_params=(
-          None if state.ema_params is None else state_lib.ema_of(params)))
-    return state, 0
+    return 0
   print(f"Resuming from {workdir}/checkpoints/{restored.step} (step {restored.step}/"
         f"{config.total_steps}).", flush=True)
-  # What a crashed run logged or kept past its last checkpoint is recomputed.
   writer.truncate_after(restored.step)
   store.discard_best_after(restored.step)
-  return restored.state, restored.step
+  return restored.step
 
 
 def _evaluator(eval_step, batch_size: int, mesh) -> Callable[[Any, data.Source, str], dict]:
@@ -224,11 +235,13 @@ def _loop(run: _Run, state, train_step, batches, step: int):
   stop = preemption.StopSignal()
   best = run.store.best_meta()
   best_value = None if best is None else best["value"]
+  limit = parallel.DispatchLimit()  # Metrics are fetched only every log_every_steps.
   try:
     while step < config.total_steps:
       state, step_metrics = train_step(state, next(batches))
       step += 1
       run.metrics.on_device.append((step, step_metrics))
+      limit.add(step_metrics)
       is_last = step == config.total_steps
       stopping = not is_last and stop.should_stop(step)
       if step % config.log_every_steps == 0 or is_last:

@@ -9,7 +9,7 @@ k larger than the number of classes K is clipped to K (every label is then corre
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,14 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str
 
   Padding rows are excluded with `where`, so even NaN/Inf logits there cannot leak in.
   Counts are int32, hence exact under addition; the loss is plain cross-entropy against
-  the one-hot labels (no smoothing).
+  the one-hot labels (no smoothing). "confusion" is the K x K confusion matrix: [true
+  class, top-1 class] counts, its diagonal summing to "top1_sum".
   """
   mask = mask.astype(bool)
-  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  num_classes = logits.shape[-1]
+  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   loss = cross_entropy(logits, one_hot)
+  _, top1 = jax.lax.top_k(logits, 1)  # The top-1 class as `topk_correct` breaks ties.
 
   def count(x: jax.Array) -> jax.Array:
     return jnp.sum(x & mask, dtype=jnp.int32)
@@ -51,6 +54,8 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str
       "top1_sum": count(topk_correct(logits, labels, 1)),
       "top5_sum": count(topk_correct(logits, labels, 5)),
       "count": jnp.sum(mask, dtype=jnp.int32),
+      "confusion": jnp.zeros((num_classes, num_classes), jnp.int32).at[
+          labels, top1[:, 0]].add(mask.astype(jnp.int32)),
   }
 
 
@@ -65,3 +70,18 @@ def finalize_eval(sums: Mapping[str, jax.Array | np.ndarray | float | int]) -> d
       "eval/top5": int(sums["top5_sum"]) / count,
       "eval/num_examples": count,
   }
+
+
+def per_class(confusion_KxK: np.ndarray, class_names: Sequence[str]) -> list[dict]:
+  """Per true class (a row of the confusion matrix of `eval_sums`): its name, examples,
+  correct top-1 predictions and accuracy (None for a class without examples)."""
+  confusion_KxK = np.asarray(confusion_KxK, np.int64)
+  if confusion_KxK.shape != (len(class_names), len(class_names)):
+    raise ValueError(f"A {confusion_KxK.shape} confusion matrix for {len(class_names)} "
+                     "class names.")
+  rows = []
+  for k, name in enumerate(class_names):
+    examples, correct = int(confusion_KxK[k].sum()), int(confusion_KxK[k, k])
+    rows.append({"class": name, "examples": examples, "correct": correct,
+                 "accuracy": correct / examples if examples else None})
+  return rows

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 
 from vit_jax import errors
 
@@ -172,3 +173,46 @@ def plot_training_curves(workdir: str) -> str:
       ax.legend()
   fig.suptitle(f"training curves: {os.path.basename(os.path.normpath(workdir))}")
   return save_png(fig, os.path.join(pictures_dir(workdir), "training_curves.png"))
+
+
+# The confusion matrix: counts written in the cells up to this many classes, class names
+# on the axes up to MAX_LABELLED_CLASSES; above, the matrix alone (e.g. ImageNet's 1000).
+MAX_ANNOTATED_CLASSES = 20
+MAX_LABELLED_CLASSES = 40
+
+
+def plot_confusion_matrix(confusion_KxK, class_names: Sequence[str], title: str,
+                          path: str) -> str:
+  """The confusion matrix (rows: true class, columns: top-1 prediction) as a picture.
+
+  Each row is coloured by its share of the true class's examples, so that classes of
+  different sizes compare; the counts are written in the cells of small matrices.
+
+  Args:
+    confusion_KxK: counts, e.g. `eval_sums(...)["confusion"]` added over a split.
+    class_names: the K class names, in label order.
+    title: the figure's title.
+    path: the .png file to write.
+
+  Returns:
+    `path`.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  counts_KxK = np.asarray(confusion_KxK, np.int64)
+  num_classes = len(class_names)
+  rows_K1 = counts_KxK.sum(axis=1, keepdims=True)
+  share_KxK = counts_KxK / np.maximum(rows_K1, 1)
+  side = min(3.0 + 0.45 * num_classes, 16.0)
+  fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+  ax = fig.subplots()
+  image = ax.imshow(share_KxK, cmap="Blues", vmin=0.0, vmax=1.0)
+  fig.colorbar(image, ax=ax, label="share of the true class's examples")
+  if num_classes <= MAX_LABELLED_CLASSES:
+    ax.set_xticks(range(num_classes), class_names, rotation=90)
+    ax.set_yticks(range(num_classes), class_names)
+  if num_classes <= MAX_ANNOTATED_CLASSES:
+    for (true, predicted), count in np.ndenumerate(counts_KxK):
+      ax.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
+              color="white" if share_KxK[true, predicted] > 0.5 else "black")
+  ax.set(xlabel="predicted class (top-1)", ylabel="true class", title=title)
+  return save_png(fig, path)

@@ -25,7 +25,7 @@ from vit_jax.train import checkpoints, optim, state as state_lib
 IDENTITY_KEYS = ("dataset", "model.name", "image_size")
 # What a run writes into its workdir: `start_over` deletes these and nothing else.
 RUN_ENTRIES = ("checkpoints", "best", "tensorboard", "pictures", "metrics.jsonl",
-               "config.json", "run.json", "final_metrics.json")
+               "config.json", "run.json", "final_metrics.json", "eval_per_class.json")
 
 
 def _get(config: dict, dotted: str):
@@ -39,6 +39,14 @@ def _atomic_write_json(path: str, obj) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+def check_folder(workdir: str) -> None:
+  """Refuses a workdir path that is a file (a new folder or an existing one is fine)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.NotAFolderError(
+        f"Workdir {workdir} is a file, not a folder: pass a folder (a new one is created) "
+        "as --workdir.")
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, num_classes: int) -> None:
