@@ -169,7 +169,8 @@ def test_main_bench_mode_prints_the_table_and_one_json_line(tmp_path):
   for label in ("train", "eval", "input", "compile", "devices"):
     assert any(line.startswith(label) for line in out.stdout.splitlines()), label
   # The model as the config builds it: the registry's name and the fields it overrides.
-  assert result["model_overrides"] == TINY_OVERRIDES
+  # (configs/cifar100.py sets stochastic depth; the flags set the rest.)
+  assert result["model_overrides"] == {**TINY_OVERRIDES, "stochastic_depth_rate": 0.1}
   overrides = ", ".join(f"{k}={v}" for k, v in result["model_overrides"].items())
   assert ["model", f"ViT-Ti/4 with overrides {overrides} ({result['params']:,} params), "
           "float32"] in [line.split(maxsplit=1) for line in out.stdout.splitlines()]

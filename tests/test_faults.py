@@ -129,7 +129,9 @@ def metric_rows(workdir) -> list[dict]:
 
 
 def steps_on_disk(workdir, kind="checkpoints") -> list[int]:
-  folder = pathlib.Path(workdir) / kind
+  folder = pathlib.Path(workdir) / kind  # Made by the first save of its kind.
+  if not folder.exists():
+    return []
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
@@ -707,6 +709,10 @@ def _recipes() -> str:
      "--workdir."),
     (["--mode=predict", "--workdir={t}/run", "--images={t}/boot.jpg"],
      "Cannot read image {t}/boot.jpg: there is no such file."),
+    # A checkpoint name is not made a path against the current folder.
+    (["--config=fashion_mnist", "--workdir={t}/w", "--config.init_from=augreg:ViT-Q/16"],
+     "config.init_from='augreg:ViT-Q/16' is not a known checkpoint name: use one of "
+     f"{', '.join(hub.CHECKPOINTS)}, a URL or a path."),
 ])
 def test_newcomer_mistakes_are_one_line_from_main(tmp_path, args, message):
   """Each mistake of a first hour with the README: exactly one line on the console, exit

@@ -83,8 +83,8 @@ def _run(argv: list[str]) -> None:
           f"{jax.local_device_count()} of {jax.device_count()} devices.", flush=True)
   if config is not None:
     for key in _CONFIG_PATHS:
-      if not (key == "init_from" and hub.is_name(config[key])):  # "augreg:ViT-B/16"
-        setattr(config, key, _absolute(config[key]))
+      if not (key == "init_from" and config[key] and hub.is_name(config[key])):
+        setattr(config, key, _absolute(config[key]))  # Not a name like "augreg:ViT-B/16".
     config_lib.validate(config)  # Every mode: before any data or device work.
     _use_compilation_cache(config.compilation_cache_dir)
   if workdir is not None:
