@@ -83,7 +83,7 @@ def _run(argv: list[str]) -> None:
           f"{jax.local_device_count()} of {jax.device_count()} devices.", flush=True)
   if config is not None:
     for key in _CONFIG_PATHS:
-      if not (key == "init_from" and hub.is_name(config[key])):  # "augreg:ViT-B/16"
+      if config[key] and not (key == "init_from" and hub.is_name(config[key])):  # "augreg:..."
         setattr(config, key, _absolute(config[key]))
     config_lib.validate(config)  # Every mode: before any data or device work.
     _use_compilation_cache(config.compilation_cache_dir)
