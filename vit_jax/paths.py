@@ -136,6 +136,9 @@ def read_text(path: str) -> str:
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
   """`data` into `path`, atomically (see the module docstring)."""
+  if is_remote(path):
+    as_epath(path).write_bytes(data)  # One upload.
+    return
   with atomic_file(path) as tmp:
     with builtins.open(tmp, "wb") as f:
       f.write(data)
