@@ -6,7 +6,6 @@ send every GCS client there instead of Google (the clients' own conventions).
 """
 import ctypes
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -116,7 +116,8 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def open(path: str, mode: str = "r", encoding: str | None = None) -> IO:  # pylint: disable=redefined-builtin
+# pylint: disable-next=redefined-builtin
+def open(path: str, mode: str = "r", encoding: str | None = None) -> IO:
   """A file object of `path` for reading (or writing whole objects: mode "w"/"wb")."""
   if "a" in mode and is_remote(path):
     raise ValueError(f"{path}: objects cannot be appended to; use paths.append_text.")
