@@ -1,6 +1,7 @@
 """A workdir on Google Cloud Storage, for real but offline: a GCS emulator on 127.0.0.1
 (the `gcs_emulator` fixture), two processes of four CPU devices each, a SIGKILL, an exact
 resume, evaluation, export to gs:// and fine-tuning from it."""
+import io
 import json
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+from PIL import Image
 
 from test_train import REPO, _free_port, _two_processes, env_with, main_command
 from vit_jax import paths
@@ -46,7 +48,7 @@ def _kill_two_processes_after(command, marker: str, timeout: float = 300) -> Non
 
 def test_gs_workdir_two_processes_resume_bit_exactly_evaluate_export_and_fine_tune(
     gcs_emulator, fashion_mnist_dirs, monkeypatch):
-  from vit_jax.tools import evaluate, export
+  from vit_jax.tools import evaluate, export, predict
   from vit_jax.train import checkpoints, pretrained
   # Every program compiled by the first run is reused by the second (the default cache
   # keeps only those that took a second or more): the runs' many small jits.
@@ -97,6 +99,16 @@ def test_gs_workdir_two_processes_resume_bit_exactly_evaluate_export_and_fine_tu
   assert report.source.startswith(f"{npz} (.npz)") and not report.reinitialised
   for x, y in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(x, y)
+
+  # Predict's images from a gs:// folder, decoded as local files are.
+  png = io.BytesIO()
+  Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)).save(png, "PNG")
+  paths.write_bytes_atomic("gs://bucket/images/a.png", png.getvalue())
+  files = predict.expand_paths(["gs://bucket/images", "gs://bucket/images/none.png"])
+  assert files == ["gs://bucket/images/a.png", "gs://bucket/images/none.png"]
+  readable, images, failures = predict.read_images(files, (28, 28, 1))
+  assert readable == files[:1] and images.shape == (1, 28, 28, 1)
+  assert failures[files[1]].endswith("there is no such file.")
 
 
 def _run_config(workdir: str):
