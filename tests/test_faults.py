@@ -129,7 +129,9 @@ def metric_rows(workdir) -> list[dict]:
 
 
 def steps_on_disk(workdir, kind="checkpoints") -> list[int]:
-  folder = pathlib.Path(workdir) / kind
+  folder = pathlib.Path(workdir) / kind  # Made by the first save of its kind.
+  if not folder.exists():
+    return []
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
