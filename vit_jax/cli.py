@@ -10,8 +10,9 @@ r"""The vit_jax command line: train, eval, predict, visualize, export, bench.
 (NAME[:ARG]: cifar100, cifar10, fashion_mnist, imagenet, finetune).
 
 Paths (flags and the config's data_dir, manual_dir, init_from) are relative to the
-current folder. A mistake the user can fix is one `ERROR: ...` line and exit status 1.
-The libraries' start-up lines and logs below errors are off unless --verbosity is given.
+current folder, or URLs of an object store (gs://bucket/run: `vit_jax.paths`). A mistake
+the user can fix is one `ERROR: ...` line and exit status 1. The libraries' start-up
+lines and logs below errors are off unless --verbosity is given.
 
 Multi-host: the same command on every host. Under SLURM, Open MPI, on Cloud TPU VMs or
 with JAX_COORDINATOR_ADDRESS set, the processes find each other; elsewhere add
