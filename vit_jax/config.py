@@ -160,7 +160,7 @@ def _fine_tuning(config: ml_collections.ConfigDict) -> None:
   """Fine-tuning."""
   # Parameters only, from: a workdir / checkpoint of ours, a published-format .npz, a
   # published checkpoint by name (vit_jax.models.hub.CHECKPOINTS, e.g. "augreg:ViT-B/16")
-  # or by URL (gs://vit_models/..., https://...), downloaded once into init_cache_dir.
+  # or by https:// URL, downloaded once into init_cache_dir; any path may be gs://...
   config.init_from = ml_collections.FieldReference(None, field_type=str)
   config.init_cache_dir = "~/.cache/vit_jax/checkpoints"
   config.init_head = "auto"  # "auto" (reset when the class count differs), "reset", "keep".

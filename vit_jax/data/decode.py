@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vit_jax import errors
+from vit_jax import errors, paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _NUM_THREADS = min(32, os.cpu_count() or 1)
@@ -61,7 +61,8 @@ def decode_file(path: Path, size: int) -> np.ndarray:
   clip everything above 255 to white.
   """
   try:
-    with Image.open(path) as pil:
+    with (paths.open(str(path), "rb") if paths.is_remote(str(path)) else open(path, "rb")
+          ) as f, Image.open(f) as pil:
       if pil.mode.startswith("I"):
         wide = np.asarray(pil).astype(np.int64)
         image = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vit_jax import errors, parallel
+from vit_jax import errors, parallel, paths
 from vit_jax.data import decode
 from vit_jax.data.sources import ArraySource, Source, StreamingSource
 
@@ -103,7 +103,7 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
   # TFDS announces a build from files with "Unknown size" everywhere: ours instead.
   tfds_says = contextlib.nullcontext()
   if config.manual_dir:
-    _check_manual_dir(builder, Path(config.manual_dir))
+    _check_manual_dir(builder, paths.as_epath(config.manual_dir))  # Local or gs://.
     print(f"Preparing {builder.name} in {builder.data_path} from manual_dir "
           f"{config.manual_dir} ...", flush=True)
     download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir,

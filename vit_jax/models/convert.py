@@ -50,7 +50,7 @@ import jax
 import numpy as np
 import scipy.ndimage
 
-from vit_jax import errors, parallel
+from vit_jax import errors, parallel, paths
 
 PyTree = Any
 
@@ -109,9 +109,17 @@ def flatten(tree: PyTree) -> dict[str, Any]:
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
-  """The named arrays of a .npz file."""
+  """The named arrays of a .npz file (local, or on an object store: `vit_jax.paths`)."""
   try:
-    npz = np.load(path, allow_pickle=False)
+    with paths.open(path, "rb") as f:
+      return _read_npz(f, path)
+  except FileNotFoundError as e:
+    raise errors.MissingCheckpointError(f"{path} does not exist.") from e
+
+
+def _read_npz(f, path: str) -> dict[str, np.ndarray]:
+  try:
+    npz = np.load(f, allow_pickle=False)
   except (ValueError, OSError, zipfile.BadZipFile) as e:
     raise errors.NotACheckpointError(
         f"{path} is not a NumPy .npz file ({type(e).__name__}: {e}); "

@@ -2,8 +2,11 @@
 
 `config.init_from` may name a published checkpoint instead of a local path:
   * a name of `CHECKPOINTS`, e.g. "augreg:ViT-B/16" or "vit:ViT-B/16-i21k";
-  * a URL: https://... (or http://...), or gs://BUCKET/PATH, a public Google Cloud Storage
-    object, read as https://storage.googleapis.com/BUCKET/PATH (no GCS client needed).
+  * a URL: https://... (or http://...).
+The table's files live on public Google Cloud Storage (gs://BUCKET/PATH) and are fetched as
+https://storage.googleapis.com/BUCKET/PATH (no GCS client or credentials needed); a gs://
+URL given in `config.init_from` is a path instead (`vit_jax.paths`), read with the
+machine's credentials, so that private buckets and emulators work too.
 The file is downloaded once to CACHE/HOST/PATH (CACHE = `config.init_cache_dir`, default
 ~/.cache/vit_jax/checkpoints; e.g. CACHE/storage.googleapis.com/vit_models/augreg/...npz),
 into a temporary file renamed when complete, so an interrupted download leaves nothing
@@ -103,7 +106,8 @@ def is_name(spec: str) -> bool:
 
 
 def is_url(spec: str) -> bool:
-  return spec.partition("://")[0] in ("http", "https", "gs")
+  """Whether `spec` is a URL this module downloads (http, https); gs:// are paths."""
+  return spec.partition("://")[0] in ("http", "https")
 
 
 def lookup(name: str) -> Published:
@@ -133,7 +137,7 @@ def resolve(spec: str, cache_dir: str) -> str:
   """A local file for a checkpoint name or URL (downloaded once); other specs unchanged.
 
   Args:
-    spec: `config.init_from`: a name of CHECKPOINTS, a gs:// or http(s):// URL, or a path.
+    spec: `config.init_from`: a name of CHECKPOINTS, an http(s):// URL, or a path.
     cache_dir: the cache folder (`config.init_cache_dir`).
 
   Returns:

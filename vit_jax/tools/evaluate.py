@@ -9,12 +9,11 @@ DIR/eval_per_class.json, and the matrix as a picture to DIR/pictures/confusion_m
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
 
-from vit_jax import config as config_lib, data, parallel
+from vit_jax import config as config_lib, data, parallel, paths
 from vit_jax.train import metrics, report, steps, workdir as workdir_lib
 
 PER_CLASS_FILE = "eval_per_class.json"
@@ -61,8 +60,8 @@ def evaluate_trained(trained: workdir_lib.Trained, workdir: str, which: str) -> 
                **result, "per_class": metrics.per_class(totals["confusion"],
                                                         trained.class_names),
                "confusion_matrix": totals["confusion"].tolist()}
-  result["per_class"] = os.path.join(workdir, PER_CLASS_FILE)
-  result["confusion_matrix"] = os.path.join(report.pictures_dir(workdir), CONFUSION_PICTURE)
+  result["per_class"] = paths.join(workdir, PER_CLASS_FILE)
+  result["confusion_matrix"] = paths.join(report.pictures_dir(workdir), CONFUSION_PICTURE)
   if jax.process_index() == 0:
     _atomic_write_json(result["per_class"], per_class)
     plot_per_class(per_class, trained.class_names, workdir)
@@ -71,25 +70,22 @@ def evaluate_trained(trained: workdir_lib.Trained, workdir: str, which: str) -> 
 
 def read_per_class(workdir: str) -> dict | None:
   """The workdir's eval_per_class.json, or None before the first `--mode=eval`."""
-  path = os.path.join(workdir, PER_CLASS_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, PER_CLASS_FILE)
+  if not paths.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def plot_per_class(per_class: dict, class_names: list[str], workdir: str) -> str:
   """The confusion matrix of an eval_per_class.json as workdir/pictures/confusion_matrix.png."""
-  title = (f"{os.path.basename(os.path.normpath(workdir))}: {per_class['split']}, step "
+  title = (f"{paths.basename(workdir)}: {per_class['split']}, step "
            f"{per_class['step']} ({per_class['checkpoint']}), top-1 "
            f"{per_class['eval/top1']:.2%} of {per_class['eval/num_examples']:,}")
   return report.plot_confusion_matrix(
       per_class["confusion_matrix"], class_names, title,
-      os.path.join(report.pictures_dir(workdir), CONFUSION_PICTURE))
+      paths.join(report.pictures_dir(workdir), CONFUSION_PICTURE))
 
 
 def _atomic_write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f)  # One line: indented, a 1000-class matrix would be a million.
-  os.replace(tmp, path)
+  # One line: indented, a 1000-class matrix would be a million.
+  paths.write_text_atomic(path, json.dumps(obj))

@@ -2,30 +2,30 @@
 `vit_jax.models.convert`), which timm's and vision_transformer's loaders read.
 
   python main.py --mode=export --workdir=DIR --output=PATH.npz [--checkpoint=latest]
+
+DIR and PATH.npz may be on an object store (gs://BUCKET/...): see `vit_jax.paths`.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from vit_jax import paths
 from vit_jax.models import convert
 from vit_jax.train import checkpoints
 
 
 def export_npz(params: Any, path: str) -> int:
-  """Writes params as a published-format .npz, atomically; returns the array count."""
+  """Writes params as a published-format .npz, atomically (a local rename or one object
+  upload); returns the array count."""
   arrays = convert.published_arrays(params)
   if jax.process_index() == 0:  # Every process gathers (a collective); one writes.
-    tmp = f"{path}.tmp"
-    # A file object, because np.savez appends ".npz" to names that lack it.
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with paths.atomic_file(path) as tmp:
+      # A file object, because np.savez appends ".npz" to names that lack it.
+      with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
   return len(arrays)
 
 

@@ -22,7 +22,6 @@ Public API:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import errors
+from vit_jax import errors, paths
 from vit_jax.data import augment, decode
 from vit_jax.train import workdir as workdir_lib
 
@@ -44,8 +43,8 @@ def expand_paths(images: Sequence[str]) -> list[str]:
   """
   files = []
   for path in images:
-    if os.path.isdir(path):
-      files.extend(os.path.join(path, name) for name in sorted(os.listdir(path))
+    if paths.isdir(path):
+      files.extend(paths.join(path, name) for name in paths.listdir(path)
                    if name.lower().endswith(decode.IMAGE_EXTENSIONS) and not name.startswith("."))
     else:
       files.append(path)

@@ -38,7 +38,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from vit_jax import data
+from vit_jax import data, paths
 from vit_jax.data import augment
 from vit_jax.tools import evaluate, predict
 from vit_jax.train import report, workdir as workdir_lib
@@ -216,11 +216,10 @@ def model_view(trained: workdir_lib.Trained, images_NxHxWxC: np.ndarray) -> np.n
   return np.clip(np.round((np.asarray(x_NxSxSxC) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def _add_to_tensorboard(workdir: str, paths: Sequence[str], step: int) -> None:
-  from tensorboardX import SummaryWriter  # Imported here: only this writer needs it.
-  with SummaryWriter(os.path.join(workdir, "tensorboard")) as writer:
-    for path in paths:
-      with Image.open(path) as pil:
+def _add_to_tensorboard(workdir: str, pictures: Sequence[str], step: int) -> None:
+  with report.tensorboard_writer(paths.join(workdir, "tensorboard")) as writer:
+    for path in pictures:
+      with paths.open(path, "rb") as f, Image.open(f) as pil:
         image_HxWxC = np.asarray(pil.convert("RGB"))
       tag = f"pictures/{os.path.splitext(os.path.basename(path))[0]}"
       writer.add_image(tag, image_HxWxC, step, dataformats="HWC")
@@ -267,14 +266,14 @@ def make_pictures(workdir: str, images: Sequence[str], which: str = "best") -> l
   for i, name in enumerate(names):
     stem = _file_name(name)
     image_pictures.append(plot_patches(views_NxSxSxC[i], trained.model.patch_size,
-                                       os.path.join(out_dir, f"patches_{stem}.png")))
+                                       paths.join(out_dir, f"patches_{stem}.png")))
     best = int(np.argmax(probs_NxK[i]))
     title = f"{name}: predicted {trained.class_names[best]} ({probs_NxK[i][best]:.1%})"
     if true_labels[i] is not None:
       title += f", true {true_labels[i]}"
     image_pictures.append(plot_attention(views_NxSxSxC[i], rollout_NxGxG[i],
                                          heads_NxHxGxG[i], title,
-                                         os.path.join(out_dir, f"attention_{stem}.png")))
+                                         paths.join(out_dir, f"attention_{stem}.png")))
   _add_to_tensorboard(workdir, image_pictures, trained.step)
   written += image_pictures
   print("\n".join(written), flush=True)

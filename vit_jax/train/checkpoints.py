@@ -11,6 +11,8 @@ What can go wrong, and what happens:
 - A crash or SIGKILL mid-save: orbax writes each checkpoint into `<step>.orbax-checkpoint-tmp`
   and renames it when complete, so the previous checkpoints stay intact and no
   half-written one is taken for good; the leftover folder is deleted at the next start.
+  On an object store (gs://), where a rename is a copy, orbax writes `<step>/` in place and
+  marks it complete with `<step>/commit_success.txt` last: a step without it is not taken.
 - A damaged checkpoint (truncated, garbled or missing file): `restore` names it and the
   error on the console, and falls back to the one before. Orbax does not notice every
   garbled byte of array data (it has no checksums), so `save` stores a checksum of
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 import warnings
 from logging import Filter, LogRecord, getLogger
@@ -36,7 +37,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vit_jax import errors
+from vit_jax import errors, paths
 from vit_jax.models import convert
 
 
@@ -48,14 +49,10 @@ class Restored:
   meta: dict
 
 
-def _absolute(path: str) -> str:
-  """Orbax takes absolute paths only: a local path made absolute; a URL (gs://...) kept."""
-  return path if "://" in path else os.path.abspath(path)
-
-
 def _manager(path: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      _absolute(path), options=ocp.CheckpointManagerOptions(
+      # Orbax takes absolute paths only: a local path made absolute, a URL kept.
+      paths.absolute(path), options=ocp.CheckpointManagerOptions(
           # The folder is made by the first save (`CheckpointStore._save`): opening a
           # workdir to look for checkpoints changes nothing in it.
           max_to_keep=keep, create=False, enable_async_checkpointing=False,
@@ -209,8 +206,8 @@ class CheckpointStore:
   """Saves and restores the latest-K and best checkpoints of one workdir."""
 
   def __init__(self, workdir: str, keep: int):
-    self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
-    self.best = _manager(os.path.join(workdir, "best"), 1)
+    self.latest = _manager(paths.join(workdir, "checkpoints"), keep)
+    self.best = _manager(paths.join(workdir, "best"), 1)
 
   @staticmethod
   def _save(manager: ocp.CheckpointManager, step: int, state, data_state: dict,
@@ -220,7 +217,7 @@ class CheckpointStore:
       # past it): this run has just recomputed the step, so its state replaces it.
       manager.delete(step)
     meta = {"step": step, **meta, "checksums": checksums(state)}
-    epath.Path(manager.directory).mkdir(parents=True, exist_ok=True)
+    paths.makedirs(str(manager.directory))  # Object stores have no folders to make.
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -254,7 +251,7 @@ class CheckpointStore:
     steps = sorted(manager.all_steps(), reverse=True)
     _silence_abandoned_reads(str(manager.directory))
     for i, step in enumerate(steps):
-      path = os.path.join(str(manager.directory), str(step))
+      path = paths.join(str(manager.directory), str(step))
       self._check_structure(path, abstract_state)
       try:
         out = manager.restore(step, args=ocp.args.Composite(
@@ -322,10 +319,13 @@ def abstract_with_shardings(tree, shardings):
 
 
 def _steps(folder: str) -> list[int]:
-  """Completed step folders; orbax's unfinished temporaries carry a non-numeric suffix."""
-  if not os.path.isdir(folder):
-    return []
-  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+  """Completed step folders: orbax's unfinished temporaries carry a non-numeric suffix; on
+  an object store, an unfinished step lacks its commit_success.txt."""
+  steps = sorted(int(name) for name in paths.listdir(folder) if name.isdigit())
+  if paths.is_remote(folder):
+    steps = [s for s in steps
+             if ocp.step.is_path_finalized(epath.Path(paths.join(folder, str(s))))]
+  return steps
 
 
 def checkpoint_dir(path: str, which: str = "best") -> str:
@@ -336,17 +336,17 @@ def checkpoint_dir(path: str, which: str = "best") -> str:
   """
   if which not in ("best", "latest"):
     raise ValueError(f"which={which!r}: use 'best' or 'latest'.")
-  if os.path.isdir(os.path.join(path, "state")):
+  if paths.isdir(paths.join(path, "state")):
     return path
   if _steps(path):  # WORKDIR/checkpoints or WORKDIR/best itself.
-    return os.path.join(path, str(_steps(path)[-1]))
+    return paths.join(path, str(_steps(path)[-1]))
   for kind in ((which, "latest") if which == "best" else (which,)):
-    folder = os.path.join(path, "best" if kind == "best" else "checkpoints")
+    folder = paths.join(path, "best" if kind == "best" else "checkpoints")
     steps = _steps(folder)
     if steps:
       if kind != which:
         print(f"No best checkpoint in {path}: using the latest one.", flush=True)
-      return os.path.join(folder, str(steps[-1]))
+      return paths.join(folder, str(steps[-1]))
   raise errors.MissingCheckpointError(
       f"{path} holds no checkpoint: expected a workdir with best/<step> or "
       "checkpoints/<step>, a step folder with state/, or a published-format .npz file.")
@@ -362,7 +362,7 @@ def read_checkpoint_params(step_dir: str) -> dict[str, np.ndarray]:
   """
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    path = epath.Path(_absolute(step_dir)) / "state"
+    path = epath.Path(paths.absolute(step_dir)) / "state"
     tree = handler.metadata(path).tree
     if "params" not in tree:
       raise errors.NotACheckpointError(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -24,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vit_jax import config as config_lib, data, errors, parallel
+from vit_jax import config as config_lib, data, errors, parallel, paths
 from vit_jax.data import pipeline
 from vit_jax.train import (checkpoints, optim, preemption, pretrained, report,
                            state as state_lib, steps, workdir as workdir_lib)
@@ -78,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   store, restored, batches, state = _resume_or_start(config, workdir, state, shardings,
                                                      train_source, mesh)
   # The first write into the workdir: the run is known to start.
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   workdir_lib.write_run_files(workdir, config, class_names=train_source.class_names,
                               image_shape=train_source.image_shape, mean_C=mean_C,
                               std_C=std_C)
@@ -339,8 +338,8 @@ def _final_evaluation(run: _Run, state, shardings, step: int, eval_source, val_s
   run.store.close()
   run.writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(run.workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
-      json.dump({"step": step, **final}, f, indent=2)
+    paths.write_text_atomic(paths.join(run.workdir, "final_metrics.json"),
+                            json.dumps({"step": step, **final}, indent=2))
     report.plot_training_curves(run.workdir)
   report.print_summary({"steps": step, **{k: round(v, 4) if isinstance(v, float) else v
                                           for k, v in final.items()}, "workdir": run.workdir})

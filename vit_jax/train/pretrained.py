@@ -6,7 +6,9 @@
     or WORKDIR/checkpoints (WORKDIR/best) itself: its newest step;
   * a `.npz` in one of the published ViT layouts (`vit_jax.models.convert`);
   * a published checkpoint by name ("augreg:ViT-B/16", `vit_jax.models.hub.CHECKPOINTS`) or
-    by URL (gs://... or https://...): downloaded once into `config.init_cache_dir`.
+    by http(s):// URL: downloaded once into `config.init_cache_dir`;
+  * any of the first three on an object store (gs://BUCKET/PATH, `vit_jax.paths`): read
+    from there with the machine's credentials, each time (no cache).
 Only parameters are read: the optimiser state, step, RNG and data position start fresh.
 How the file's arrays are matched to the model (new head, resampled position embedding,
 ...) is `convert.match`'s; the report says what was loaded, re-initialised and unused.
@@ -16,7 +18,6 @@ How the file's arrays are matched to the model (new head, resampled position emb
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vit_jax import errors
+from vit_jax import errors, paths
 from vit_jax.models import convert, hub
 from vit_jax.train import checkpoints
 
@@ -37,9 +38,9 @@ def read_arrays(path: str, cache_dir: str) -> tuple[dict[str, np.ndarray], str]:
   if hub.is_name(path) or hub.is_url(path):
     local = hub.resolve(path, cache_dir)
     return convert.read_npz(local), f"{path} ({local})"
-  if os.path.isfile(path):
+  if paths.isfile(path):
     return convert.read_npz(path), f"{path} (.npz)"
-  if os.path.isdir(path):
+  if paths.isdir(path):
     step_dir = checkpoints.checkpoint_dir(path)
     return checkpoints.read_checkpoint_params(step_dir), f"{step_dir} (our checkpoint)"
   raise errors.MissingCheckpointError(f"config.init_from={path!r} does not exist.")

@@ -7,17 +7,18 @@ the train step without writing anything, does not need them.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from vit_jax import errors
+from vit_jax import errors, paths
 
 DPI = 100
 CURVE_PANEL_INCHES = (5.0, 4.0)  # Width, height of one training-curve panel.
@@ -31,19 +32,17 @@ class MetricsWriter:
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # Imported here: only the writer needs it.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      paths.makedirs(workdir)
+      self._tb = tensorboard_writer(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
+    paths.append_text(self.path, json.dumps(row) + "\n")
     for name, value in scalars.items():
       if isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(name, value, step)
@@ -51,26 +50,68 @@ class MetricsWriter:
 
   def truncate_after(self, step: int) -> None:
     """Drops rows past `step`: a resumed run rewrites what the crashed run logged later."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not paths.exists(self.path):
       return
-    with open(self.path, encoding="utf-8") as f:
-      rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(rows)
-    os.replace(tmp, self.path)
+    rows = [line for line in paths.read_text(self.path).splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    paths.write_text_atomic(self.path, "".join(rows))
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
 
 
+class _ObjectRecordWriter:
+  """tensorboardX's record writer for a logdir on an object store (gs://, s3://, ...): the
+  events file in memory, uploaded whole (one object upload) at each flush.
+
+  Replaces tensorboardX's own gs:// writer, which uploads again from __del__ after close
+  (retrying for minutes once the store is gone) and knows no other scheme. The file grows
+  with the run's scalars (about 100 bytes each), so each upload stays small.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._events = io.BytesIO()
+    self._uploaded = 0
+    self._lock = threading.Lock()  # tensorboardX also flushes from a thread of its own.
+
+  def write(self, data: bytes) -> None:
+    with self._lock:
+      self._events.write(data)
+
+  def flush(self) -> None:
+    with self._lock:
+      if self._events.tell() != self._uploaded:
+        paths.write_bytes_atomic(self.path, self._events.getvalue())
+        self._uploaded = self._events.tell()
+
+  def close(self) -> None:
+    self.flush()  # Uploads nothing when nothing was written since the last flush.
+
+
+class _ObjectWriterFactory:
+
+  def open(self, path: str) -> _ObjectRecordWriter:
+    return _ObjectRecordWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # Object stores have no folders to make.
+
+
+def tensorboard_writer(logdir: str):
+  """A tensorboardX SummaryWriter into `logdir`, local or on an object store."""
+  from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top
+  if paths.is_remote(logdir):
+    record_writer.register_writer_factory(logdir.partition(":")[0], _ObjectWriterFactory())
+  return SummaryWriter(logdir)
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def _jsonable(value):
@@ -126,18 +167,17 @@ def _duration(seconds: float) -> str:
 
 def pictures_dir(workdir: str) -> str:
   """Where a run's pictures go."""
-  return os.path.join(workdir, "pictures")
+  return paths.join(workdir, "pictures")
 
 
 def save_png(fig, path: str) -> str:
   """Writes a matplotlib Figure as a PNG atomically: a reader sees the old file or the new
   one, never half."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
   FigureCanvasAgg(fig)  # Renders with Agg whatever backend the process has chosen.
-  fig.savefig(tmp, format="png", dpi=DPI)
-  os.replace(tmp, path)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=DPI)
+  paths.write_bytes_atomic(path, png.getvalue())
   return path
 
 
@@ -171,8 +211,8 @@ def plot_training_curves(workdir: str) -> str:
     ax.grid(alpha=0.3)
     if ax.lines:
       ax.legend()
-  fig.suptitle(f"training curves: {os.path.basename(os.path.normpath(workdir))}")
-  return save_png(fig, os.path.join(pictures_dir(workdir), "training_curves.png"))
+  fig.suptitle(f"training curves: {paths.basename(workdir)}")
+  return save_png(fig, paths.join(pictures_dir(workdir), "training_curves.png"))
 
 
 # The confusion matrix: counts written in the cells up to this many classes, class names

@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vit_jax import errors, models, parallel
+from vit_jax import errors, models, parallel, paths
 from vit_jax.train import checkpoints, optim, state as state_lib
 
 # What must match for a rerun in the same workdir to resume the run found there.
@@ -35,15 +34,12 @@ def _get(config: dict, dotted: str):
 
 
 def _atomic_write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def check_folder(workdir: str) -> None:
   """Refuses a workdir path that is a file (a new folder or an existing one is fine)."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if paths.exists(workdir) and not paths.isdir(workdir):
     raise errors.NotAFolderError(
         f"Workdir {workdir} is a file, not a folder: pass a folder (a new one is created) "
         "as --workdir.")
@@ -51,7 +47,7 @@ def check_folder(workdir: str) -> None:
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, num_classes: int) -> None:
   """Refuses a workdir that holds a run of another model or dataset."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  if not paths.exists(paths.join(workdir, "config.json")):
     return
   old, new = load_config_dict(workdir), json.loads(config.to_json_best_effort())
   diffs = [f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in IDENTITY_KEYS
@@ -71,7 +67,7 @@ def changed_settings(workdir: str, config: ml_collections.ConfigDict,
   """A sentence listing "key: saved -> now" for each config value under `prefixes` that
   differs from the workdir's config.json (for errors about checkpoints the config no longer
   fits); keys the saved file lacks (added to vit_jax since) are left out."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  if not paths.exists(paths.join(workdir, "config.json")):
     return "The workdir has no config.json to compare the settings with."
   def flat(tree: dict, prefix: str = "") -> dict:
     out = {}
@@ -93,22 +89,21 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict, *, class_na
          "image_shape": list(image_shape), "mean": np.asarray(mean_C).tolist(),
          "std": np.asarray(std_C).tolist()}
   if jax.process_index() == 0:
-    _atomic_write_json(os.path.join(workdir, "config.json"),
+    _atomic_write_json(paths.join(workdir, "config.json"),
                        json.loads(config.to_json_best_effort()))
-    _atomic_write_json(os.path.join(workdir, "run.json"), run)
+    _atomic_write_json(paths.join(workdir, "run.json"), run)
 
 
 def _run_file(workdir: str, name: str) -> str:
-  path = os.path.join(workdir, name)
-  if not os.path.exists(path):
+  path = paths.join(workdir, name)
+  if not paths.exists(path):
     raise errors.NoRunError(f"{path} not found: {workdir} is not a vit_jax training workdir (train "
                             "into it with main.py --mode=train first).")
   return path
 
 
 def load_config_dict(workdir: str) -> dict:
-  with open(_run_file(workdir, "config.json"), encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(_run_file(workdir, "config.json")))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -116,8 +111,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_run(workdir: str) -> dict:
-  with open(_run_file(workdir, "run.json"), encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(_run_file(workdir, "run.json")))
 
 
 def check_shared(workdir: str) -> None:
@@ -132,16 +126,15 @@ def check_shared(workdir: str) -> None:
   token = multihost_utils.broadcast_one_to_all(
       np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0
       else np.zeros(2, np.uint32))
-  path = os.path.join(workdir, f".shared-check-{int(token[0]):08x}{int(token[1]):08x}")
+  path = paths.join(workdir, f".shared-check-{int(token[0]):08x}{int(token[1]):08x}")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      f.write("vit_jax")
+    paths.makedirs(workdir)
+    paths.write_text_atomic(path, "vit_jax")
   parallel.sync("shared-check written")
-  seen = multihost_utils.process_allgather(np.int32(os.path.exists(path)))
+  seen = multihost_utils.process_allgather(np.int32(paths.exists(path)))
   parallel.sync("shared-check read")
   if jax.process_index() == 0:
-    os.remove(path)
+    paths.remove(path)
   blind = [i for i, ok in enumerate(np.ravel(seen)) if not ok]
   if blind:
     raise errors.WorkdirNotSharedError(
@@ -153,13 +146,13 @@ def check_shared(workdir: str) -> None:
 
 def start_over(workdir: str) -> None:
   """Deletes the run in `workdir` (its RUN_ENTRIES; other files stay), on every process."""
-  if jax.process_index() == 0 and os.path.isdir(workdir):
+  if jax.process_index() == 0 and paths.isdir(workdir):
     for entry in RUN_ENTRIES:
-      path = os.path.join(workdir, entry)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
+      path = paths.join(workdir, entry)
+      if paths.isdir(path):
+        paths.rmtree(path)
+      else:
+        paths.remove(path)
   # No process may look at the workdir before process 0 has emptied it.
   parallel.sync("start_over")
 
