@@ -86,7 +86,7 @@ def test_resume_after_sigkill_is_bit_exact(fashion_mnist_dirs, tmp_path):
   schedule = ["--config.total_steps=24", "--config.checkpoint_every_steps=4",
               "--config.eval_every_steps=8",
               "--config.aug.randaugment_layers=1", "--config.aug.mixup_alpha=0.2",
-              "--config.model.overrides.dropout_rate=0.1"]
+              "--config.model.overrides.dropout_rate=0.1", "--config.ema_decay=0.9"]
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   run(main_command(straight, fashion_mnist_dirs, *schedule))
 
@@ -99,18 +99,21 @@ def test_resume_after_sigkill_is_bit_exact(fashion_mnist_dirs, tmp_path):
   out = run(main_command(resumed, fashion_mnist_dirs, *schedule))
   assert "Resuming from" in out.stdout
 
-  a, b = latest_state(straight), latest_state(resumed)
+  a, b = latest_state(straight), latest_state(resumed)  # The EMA weights: what runs deliver.
   assert a.step == b.step == 24
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert metric_rows(straight) == metric_rows(resumed)
+  assert metric_rows(straight) == metric_rows(resumed)  # eval_raw/*: the raw weights too.
+  assert "eval_raw/top1" in metric_rows(straight)[-1]
 
 
 def test_checkpoint_restores_on_another_device_count(fashion_mnist_dirs, tmp_path):
   overrides = ["--config.total_steps=6", "--config.checkpoint_every_steps=3",
-               "--config.eval_every_steps=6"]
+               "--config.eval_every_steps=6", "--config.ema_decay=0.5"]
   run(main_command(tmp_path, fashion_mnist_dirs, *overrides), devices=8)
   trained = json.load(open(tmp_path / "final_metrics.json"))
+  # eval/* scored the EMA, eval_raw/* the raw weights: eval mode must read the EMA.
+  assert abs(trained["eval/loss"] - trained["eval_raw/loss"]) > 1e-3
   # Optimiser settings given to eval differ from the run's: eval does not use them.
   out = run(main_command(tmp_path, fashion_mnist_dirs, *overrides, "--config.optim.lr=0.5",
                          "--config.optim.grad_clip_norm=0", mode="eval"), devices=2)
@@ -120,7 +123,8 @@ def test_checkpoint_restores_on_another_device_count(fashion_mnist_dirs, tmp_pat
   assert abs(result["eval/loss"] - trained["eval/loss"]) < 1e-4
   # Training goes on from the 8-device checkpoint on 4 devices.
   more = run(main_command(tmp_path, fashion_mnist_dirs, "--config.total_steps=9",
-                          "--config.checkpoint_every_steps=3", "--config.eval_every_steps=9"),
+                          "--config.checkpoint_every_steps=3", "--config.eval_every_steps=9",
+                          "--config.ema_decay=0.5"),
              devices=4)
   assert "Resuming from" in more.stdout
   assert latest_state(tmp_path).step == 9

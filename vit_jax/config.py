@@ -123,6 +123,13 @@ def _optimiser(config: ml_collections.ConfigDict) -> None:
   config.optim.grad_clip_norm = 0.0  # Global-norm clipping (0 = off).
   config.optim.accum_steps = 1  # Micro-batches per step: batch_size must divide by it.
   config.label_smoothing = 0.0
+  # Weight EMA (0 = off): after every applied step ema += (1 - d_t) * (params - ema), with
+  # d_t = min(ema_decay, (1 + t) / (10 + t)) at step t (the warm-up of TF's
+  # ExponentialMovingAverage). The EMA is checkpointed beside the raw weights and is the
+  # model the run delivers: eval/* and val/* score it (and pick the best checkpoint by
+  # best_metric), eval_raw/* and val_raw/* the raw weights; --mode=eval/predict/export/
+  # visualize and init_from use it. Changes the checkpoint's structure, like the optimiser.
+  config.ema_decay = 0.0
 
 
 def _run(config: ml_collections.ConfigDict) -> None:
@@ -137,7 +144,8 @@ def _run(config: ml_collections.ConfigDict) -> None:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3  # Latest K checkpoints kept (the best is kept apart).
   # Metric that picks the best checkpoint: "top1", "top5" (higher is better) or "loss",
-  # measured on val_split when it is set, else on eval_split.
+  # measured on val_split when it is set, else on eval_split; of the EMA weights when
+  # ema_decay > 0.
   config.best_metric = "top1"
   config.fsdp = False  # Shard parameters and optimiser state over devices.
   config.remat = False  # Recompute block activations in the backward pass.
@@ -262,6 +270,7 @@ _REALS = {
     "optim.momentum": (0, True, 1, False),
     "optim.end_lr_fraction": (0, True, 1, True),
     "label_smoothing": (0, True, 1, False),
+    "ema_decay": (0, True, 1, False),
     "num_epochs": (0, True, math.inf, False),
     "optim.warmup_epochs": (0, True, math.inf, False),
     "layer_decay": (0, False, 1, True),

@@ -300,9 +300,9 @@ class CheckpointStore:
       raise errors.StateMismatchError(
           f"Checkpoint {path} is intact but holds another train state than this config "
           f"builds ({len(differences)} difference(s): {shown}): a setting it depends on "
-          "changed (optimiser, clipping, layer-wise lr, frozen backbone, model overrides, "
-          "scan_layers, dtypes). Rerun with the settings the run was trained with, or "
-          "train into another --workdir.")
+          "changed (optimiser, clipping, layer-wise lr, frozen backbone, EMA, model "
+          "overrides, scan_layers, dtypes). Rerun with the settings the run was trained "
+          "with, or train into another --workdir.")
 
   def close(self) -> None:
     self.latest.close()
@@ -353,10 +353,12 @@ def checkpoint_dir(path: str, which: str = "best") -> str:
 
 
 def read_checkpoint_params(step_dir: str) -> dict[str, np.ndarray]:
-  """The params of one of our checkpoints as host arrays, flat, without its optimiser state.
+  """The params of one of our checkpoints as host arrays, flat, without its optimiser state:
+  the EMA weights when the run kept them (`ema_params`, the model it delivers), else the
+  raw ones.
 
-  A partial restore of the `params` subtree: the optimiser's structure (which depends on
-  the config that trained it) is never needed.
+  A partial restore of that subtree: the optimiser's structure (which depends on the config
+  that trained it) is never needed.
   """
   handler = ocp.PyTreeCheckpointHandler()
   try:
@@ -366,10 +368,11 @@ def read_checkpoint_params(step_dir: str) -> dict[str, np.ndarray]:
       raise errors.NotACheckpointError(
           f"{path} has no 'params' entry (found {sorted(tree)}): not a vit_jax training "
           "checkpoint.")
-    item = {"params": tree["params"]}
+    key = "ema_params" if "ema_params" in tree else "params"
+    item = {key: tree[key]}
     as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     restored = handler.restore(path, args=ocp.args.PyTreeRestore(
         item=item, restore_args=as_numpy, partial_restore=True))
   finally:
     handler.close()
-  return convert.flatten(restored["params"])
+  return convert.flatten(restored[key])

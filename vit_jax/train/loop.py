@@ -70,7 +70,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       lambda: state_lib.init_params(model, config.seed, input_shape))
   tx = optim.make_optimizer(config, abstract_params)
   state, shardings = state_lib.create_state(model, tx, mesh, seed=config.seed,
-                                            image_shape_HWC=input_shape, fsdp=config.fsdp)
+                                            image_shape_HWC=input_shape, fsdp=config.fsdp,
+                                            ema=config.ema_decay > 0)
 
   # ------------------------------------------------------------------ Resume or start
   store, restored, batches, state = _resume_or_start(config, workdir, state, shardings,
@@ -186,7 +187,9 @@ def _resume_or_start(config, workdir: str, state, shardings, train_source: data.
     batches.set_state(restored.data_state)  # Refuses a state from another seed/batch/data.
     state = restored.state
   elif config.init_from:  # Read for a new run only: a resumed one has its own parameters.
-    state = state.replace(params=pretrained.load_into(config, state.params))
+    params = pretrained.load_into(config, state.params)
+    state = state.replace(params=params, ema_params=(
+        None if state.ema_params is None else state_lib.ema_of(params)))
   return store, restored, batches, state
 
 
@@ -284,7 +287,7 @@ def _evaluate_and_keep_best(run: _Run, state, step: int, batches, best_value: fl
                             progress: report.Progress) -> float | None:
   """Evaluates the selection split, logs it, saves a best checkpoint when it improved."""
   source, prefix = run.select
-  run.last_eval = run.evaluate(state.params, source, prefix)
+  run.last_eval = _score(run, state, source, prefix)
   run.writer.write(step, run.last_eval)
   if run.writer.enabled:  # Refreshed at every evaluation: workdir/pictures/.
     report.plot_training_curves(run.workdir)
@@ -299,6 +302,20 @@ def _evaluate_and_keep_best(run: _Run, state, step: int, batches, best_value: fl
   return best_value
 
 
+def _score(run: _Run, state, source, prefix: str) -> dict:
+  """prefix/* for the weights the run delivers; with EMA on, those are the EMA weights
+  and the raw ones are reported as prefix_raw/*.
+
+  The EMA gets the plain names because it is the model that eval, predict, export and a
+  fine-tuning `init_from` read from the workdir: the best checkpoint is picked by it
+  (config.best_metric of prefix/*), and final_metrics.json and the summary lead with it.
+  """
+  if state.ema_params is None:
+    return run.evaluate(state.params, source, prefix)
+  return {**run.evaluate(state.ema_params, source, prefix),
+          **run.evaluate(state.params, source, f"{prefix}_raw")}
+
+
 def _preempted(run: _Run, signal_name: str, step: int) -> preemption.Preempted:
   error = preemption.Preempted(signal_name, step)
   print(f"{signal_name}: saved a checkpoint at step {step}/{run.config.total_steps} in "
@@ -311,13 +328,13 @@ def _final_evaluation(run: _Run, state, shardings, step: int, eval_source, val_s
   """The last evaluation; with a validation split, the test split scored with the best
   checkpoint (picked on validation). Writes final_metrics.json, the curves, a summary."""
   source, prefix = run.select
-  final = dict(run.last_eval) or run.evaluate(state.params, source, prefix)
+  final = dict(run.last_eval) or _score(run, state, source, prefix)
   if val_source is not None:
     best = run.store.restore(checkpoints.abstract_with_shardings(state, shardings), "best")
     best = best or checkpoints.Restored(step, state, {}, {})
-    final.update(run.evaluate(best.state.params, eval_source, "eval"))
+    final.update(_score(run, best.state, eval_source, "eval"))
     final["eval/best_step"] = best.step
-    run.writer.write(step, {k: v for k, v in final.items() if k.startswith("eval/")})
+    run.writer.write(step, {k: v for k, v in final.items() if k.startswith("eval")})
   run.store.close()
   run.writer.close()
   if jax.process_index() == 0:

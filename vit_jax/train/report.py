@@ -23,7 +23,8 @@ from vit_jax import errors, paths
 DPI = 100
 CURVE_PANEL_INCHES = (5.0, 4.0)  # Width, height of one training-curve panel.
 _CURVES = (("loss", "loss"), ("top1", "top-1 accuracy"), ("top5", "top-5 accuracy"))
-_SPLIT_COLORS = {"train": "C0", "eval": "C1", "val": "C2"}  # The same in every panel.
+# The same in every panel; "*_raw": the raw weights of a run with EMA (eval/val score the EMA).
+_SPLIT_COLORS = {"train": "C0", "eval": "C1", "val": "C2", "eval_raw": "C3", "val_raw": "C4"}
 
 
 class MetricsWriter:

@@ -57,7 +57,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.VisionTrans
                     tx: optax.GradientTransformation, mesh: Mesh, shardings: TrainState, *,
                     num_classes: int, mean_C: np.ndarray, std_C: np.ndarray
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """(state, batch) -> (state, {"loss", "grad_norm", "finite"}) as one jitted program."""
+  """(state, batch) -> (state, {"loss", "grad_norm", "finite"}) as one jitted program.
+
+  With `config.ema_decay > 0` (the state then has `ema_params`), each applied update also
+  moves the EMA towards the new parameters; a skipped (non-finite) step leaves it as it is.
+  """
   mean_C, std_C = jnp.asarray(mean_C, jnp.float32), jnp.asarray(std_C, jnp.float32)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
@@ -87,16 +91,35 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.VisionTrans
     # A non-finite loss or gradient never reaches the state: the update is dropped, and
     # the loop stops (on_nonfinite="stop") or carries on ("skip").
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_finite = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
     new_state = state.replace(
-        step=state.step + 1, params=jax.tree_util.tree_map(
-            lambda n, o: jnp.where(finite, n, o), params, state.params),
+        step=state.step + 1,
+        params=jax.tree_util.tree_map(keep_finite, params, state.params),
         opt_state=keep_finite_update(finite, opt_state, state.opt_state))
+    if config.ema_decay:
+      ema = update_ema(state.ema_params, params, ema_decay_at(config.ema_decay, state.step))
+      new_state = new_state.replace(
+          ema_params=jax.tree_util.tree_map(keep_finite, ema, state.ema_params))
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
   return jax.jit(train_step,
                  in_shardings=(shardings, parallel.batch_sharding(mesh)),
                  out_shardings=(shardings, parallel.replicated(mesh)),
                  donate_argnums=0, compiler_options=compiler_options())
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+  """The EMA decay of the update applied at `step` (0 for the first one):
+  min(decay, (1 + step) / (10 + step)), the warm-up of TF's ExponentialMovingAverage with
+  num_updates (timm's ModelEma and big_vision alike in spirit): early averages follow the
+  weights instead of keeping the random initialisation for thousands of steps."""
+  t = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+
+
+def update_ema(ema_params, params, decay: jax.Array):
+  """ema + (1 - decay) * (params - ema) per leaf (timm's lerp; exact when they agree)."""
+  return jax.tree_util.tree_map(lambda e, p: e + (1.0 - decay) * (p - e), ema_params, params)
 
 
 def keep_finite_update(finite: jax.Array, new_opt_state, old_opt_state):

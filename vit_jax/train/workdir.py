@@ -183,7 +183,9 @@ def load_trained(workdir: str, which: str = "best",
       The checkpoint is always read with the run's own optimiser settings.
 
   Returns:
-    A `Trained` (config, model, params, step, class names, normalisation statistics).
+    A `Trained` (config, model, params, step, class names, normalisation statistics); the
+    params are the EMA weights when the run kept an EMA (config.ema_decay > 0): the model
+    it delivers.
 
   Raises:
     errors.NoRunError when the workdir holds no run or no checkpoint;
@@ -200,13 +202,14 @@ def load_trained(workdir: str, which: str = "best",
   input_shape = (config.image_size, config.image_size, run["image_shape"][-1])
   abstract_params = jax.eval_shape(lambda: state_lib.init_params(model, config.seed,
                                                                  input_shape))
-  # The optimiser of the run that wrote the checkpoint (its state is part of it), whatever
-  # the given config says: evaluation does not use it, and a changed optimiser setting
-  # would otherwise make intact checkpoints unreadable to eval.
+  # The optimiser and EMA setting of the run that wrote the checkpoint (their state is part
+  # of it), whatever the given config says: evaluation does not use them, and a changed
+  # setting would otherwise make intact checkpoints unreadable to eval. (A config.json
+  # written before EMA existed has no ema_decay.)
   tx = optim.make_optimizer(saved, abstract_params)
-  abstract_state = jax.eval_shape(lambda: state_lib.TrainState(
-      step=jax.numpy.zeros((), jax.numpy.int32), params=abstract_params,
-      opt_state=tx.init(abstract_params), rng=jax.numpy.zeros((2,), jax.numpy.uint32)))
+  ema = saved.get("ema_decay", 0.0) > 0
+  abstract_state = jax.eval_shape(lambda params: state_lib.new_state(
+      params, tx, jax.numpy.zeros((2,), jax.numpy.uint32), ema=ema), abstract_params)
   shardings = state_lib.state_shardings(abstract_state, mesh, config.fsdp)
   store = checkpoints.CheckpointStore(workdir, config.keep_checkpoints)
   abstract = checkpoints.abstract_with_shardings(abstract_state, shardings)
@@ -225,5 +228,7 @@ def load_trained(workdir: str, which: str = "best",
   if restored is None:
     raise errors.NoRunError(f"No checkpoint in {workdir}/checkpoints or {workdir}/best: "
                             "train first (main.py --mode=train).")
-  return Trained(config, model, restored.state.params, restored.step, run["class_names"],
+  params = restored.state.params if restored.state.ema_params is None else (
+      restored.state.ema_params)
+  return Trained(config, model, params, restored.step, run["class_names"],
                  np.asarray(run["mean"], np.float32), np.asarray(run["std"], np.float32))
