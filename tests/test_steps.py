@@ -3,9 +3,10 @@ leaves it alone; a run without EMA keeps the train state (and checkpoints) it ha
 import jax
 import jax.numpy as jnp
 import numpy as np
+import step_kit
 
-from vit_jax import config as config_lib, parallel
-from vit_jax.train import optim, state as state_lib, steps
+from vit_jax import config as config_lib
+from vit_jax.train import steps
 
 SHAPE = (8, 8, 1)
 
@@ -16,23 +17,11 @@ def _built(ema_decay: float):
   config.image_size, config.batch_size, config.total_steps = 8, 8, 10
   config.optim.lr, config.optim.warmup_steps = 0.01, 0
   config.ema_decay = ema_decay
-  mesh = parallel.make_mesh()
-  model = state_lib.build_model(config, 10)
-  abstract = jax.eval_shape(lambda: state_lib.init_params(model, 0, SHAPE))
-  tx = optim.make_optimizer(config, abstract)
-  state, shardings = state_lib.create_state(model, tx, mesh, seed=0, image_shape_HWC=SHAPE,
-                                            fsdp=False, ema=ema_decay > 0)
-  step = steps.make_train_step(config, model, tx, mesh, shardings, num_classes=10,
-                               mean_C=np.full(1, 127.0, np.float32),
-                               std_C=np.full(1, 70.0, np.float32))
-  return mesh, state, step
+  return step_kit.build_step(config, SHAPE)
 
 
 def _batch(mesh, seed):
-  rng = np.random.default_rng(seed)
-  sharding = parallel.batch_sharding(mesh)
-  return {"image": jax.device_put(rng.integers(0, 256, (8, *SHAPE), np.uint8), sharding),
-          "label": jax.device_put(rng.integers(0, 10, (8,)).astype(np.int32), sharding)}
+  return step_kit.random_batch(mesh, seed, 8, SHAPE)
 
 
 def _host(tree) -> list[np.ndarray]:
