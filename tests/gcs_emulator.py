@@ -50,9 +50,9 @@ def start(binary: str, log_path: str) -> tuple[subprocess.Popen, str]:
   url = f"http://127.0.0.1:{port}"
   with open(log_path, "wb") as log:
     proc = subprocess.Popen(
-        [*_die_with_parent(), binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
-         "memory", "-external-url", url, "-public-host", f"127.0.0.1:{port}",
-         "-log-level", "error"], stdout=log, stderr=subprocess.STDOUT)
+        [*_die_with_parent(), binary, "-scheme", "http", "-host", "127.0.0.1", "-port",
+         str(port), "-backend", "memory", "-external-url", url, "-public-host",
+         f"127.0.0.1:{port}", "-log-level", "error"], stdout=log, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + 20
   while True:
     try:

@@ -28,7 +28,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vit_jax import config as config_lib, errors
+from vit_jax import config as config_lib, errors, paths
 from vit_jax.models import hub
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -77,7 +77,7 @@ def _run(argv: list[str]) -> None:
   # where TFDS and TensorFlow are not installed.
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
   joined = parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                          _PROCESS_ID.value)
+                                           _PROCESS_ID.value)
   if joined:
     import jax  # pylint: disable=g-import-not-at-top
     print(f"Process {jax.process_index()} of {jax.process_count()} ({joined}): "
@@ -117,16 +117,13 @@ def _run(argv: list[str]) -> None:
 # Config keys that hold local paths (or URLs): made absolute with the flags' paths.
 _CONFIG_PATHS = ("data_dir", "manual_dir", "init_from", "init_cache_dir",
                  "compilation_cache_dir")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _absolute(path: str | None) -> str | None:
   """`path` against the current folder, with `~` expanded: made absolute once, here, so
   that every layer below (orbax insists on absolute paths) gets the folder the user meant.
   None, "" and URLs (gs://bucket/dir) stay as they are."""
-  if not path or _URL.match(path):
-    return path
-  return os.path.abspath(os.path.expanduser(path))
+  return paths.absolute(path) if path else path
 
 
 def _config():
