@@ -7,14 +7,19 @@ import pytest
 from vit_jax import paths
 
 
-def test_local_writes_are_atomic_and_leave_no_temporaries(tmp_path):
-  target = str(tmp_path / "sub" / "run.json")
-  paths.write_text_atomic(target, "old")
+def _crash_while_writing(target: str) -> None:
+  """Half a new content written to `target` through atomic_file, then an error."""
   with pytest.raises(RuntimeError):
     with paths.atomic_file(target) as tmp:
       with open(tmp, "w") as f:
         f.write("half")
       raise RuntimeError("crash mid-write")
+
+
+def test_local_writes_are_atomic_and_leave_no_temporaries(tmp_path):
+  target = str(tmp_path / "sub" / "run.json")
+  paths.write_text_atomic(target, "old")
+  _crash_while_writing(target)
   assert paths.read_text(target) == "old"  # The crash left the previous file.
   paths.append_text(target, "+more")
   assert paths.read_text(target) == "old+more"
@@ -39,11 +44,7 @@ def test_remote_paths_against_the_emulator(gcs_emulator):
   assert paths.read_text(metrics) == "1\n2\n"
   with pytest.raises(ValueError, match="append_text"):
     paths.open(metrics, "a")
-  with pytest.raises(RuntimeError):
-    with paths.atomic_file(metrics) as tmp:
-      with open(tmp, "w") as f:
-        f.write("half")
-      raise RuntimeError("crash mid-write")
+  _crash_while_writing(metrics)
   assert paths.read_text(metrics) == "1\n2\n"  # Nothing was uploaded.
   paths.write_bytes_atomic(paths.join(root, "sub", "x.bin"), b"\0\1")
   assert paths.read_bytes(paths.join(root, "sub", "x.bin")) == b"\0\1"
