@@ -29,6 +29,7 @@ from typing import Any
 
 import grain
 import jax
+from absl import flags
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -120,6 +121,8 @@ def _batches(rows: Callable[[int], Batch], steps: grain.MapDataset, batch_size: 
   batches = steps.map(rows).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
   if worker_count:
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults here).
+      flags.FLAGS.mark_as_parsed()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=prefetch))
   batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
