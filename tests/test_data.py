@@ -484,7 +484,7 @@ def test_photo_crops_are_the_same_with_workers_and_after_resume(image_folder, me
   # Random crops: the 13 images come round again in batch 2 with other crops.
   assert in_process[0]["image"].shape == (8, 16, 16, 3)
   train = data.load_source(config, "train")
-  assert train.host_crops and data.for_device(config, train).aug.crop == "none"
+  assert train.host_crops and data.for_device(config, True).aug.crop == "none"
   evaluation = data.eval_batches(train, batch_size=8, mesh=mesh, worker_count=2)
   batches = list(evaluation)
   mask = np.concatenate([np.asarray(b["mask"]) for b in batches])

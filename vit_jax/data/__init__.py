@@ -34,10 +34,10 @@ def load_source(config: ml_collections.ConfigDict, split: str) -> Source:
   return tfds_source.load(config, split)
 
 
-def for_device(config: ml_collections.ConfigDict, source: Source) -> ml_collections.ConfigDict:
-  """`config` with the augmentation the device still has to do on batches of `source`: a
-  source that crops and flips on the host (photos) leaves only the rest to the device."""
-  if not source.host_crops:
+def for_device(config: ml_collections.ConfigDict, host_crops: bool) -> ml_collections.ConfigDict:
+  """`config` with the augmentation the device still has to do: where the source crops and
+  flips on the host (photos: `Source.host_crops`), only the rest."""
+  if not host_crops:
     return config
   config = config.copy_and_resolve_references()
   with config.unlocked():

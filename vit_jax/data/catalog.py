@@ -28,6 +28,13 @@ KNOWN_VARIABLE_SIZE = {
 }
 
 
+def crops_on_host(config: ml_collections.ConfigDict) -> bool:
+  """Whether config.dataset is photos of varying size, cropped on the host (`PhotoSource`):
+  an image folder or a known TFDS dataset of photos."""
+  return config.dataset == "folder" or (
+      config.dataset.split(":")[0].split("/")[0] in KNOWN_VARIABLE_SIZE)
+
+
 def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
   """(stored image shape HWC, number of classes) of config.dataset, without downloading.
 

@@ -80,12 +80,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   paths.makedirs(workdir)
   workdir_lib.write_run_files(workdir, config, class_names=train_source.class_names,
                               image_shape=train_source.image_shape, mean_C=mean_C,
-                              std_C=std_C)
+                              std_C=std_C, host_crops=train_source.host_crops)
   writer = report.MetricsWriter(workdir)
   start_step = _resume(config, workdir, restored, store, writer)
 
   # -------------------------------------------------------------------------- Steps
-  on_device = data.for_device(config, train_source)  # Photos are cropped on the host.
+  on_device = data.for_device(config, train_source.host_crops)  # Photos are cropped on the host.
   train_step = steps.make_train_step(on_device, model, tx, mesh, shardings,
                                      num_classes=num_classes, mean_C=mean_C, std_C=std_C)
   evaluate = _evaluator(steps.make_eval_step(on_device, model, mesh, shardings.params,
