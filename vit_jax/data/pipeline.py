@@ -125,7 +125,6 @@ def _batches(rows: Callable[[int], Batch], steps: grain.MapDataset, batch_size: 
       flags.FLAGS.mark_as_parsed()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=prefetch))
-  batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
   batches = batches.map(functools.partial(_to_global, batch_size=batch_size, mesh=mesh))
   return iter(grain.experimental.ThreadPrefetchIterDataset(batches,
                                                          prefetch_buffer_size=prefetch))
