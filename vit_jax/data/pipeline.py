@@ -263,10 +263,13 @@ def eval_batches(source: Source, *, batch_size: int, mesh: Mesh,
 def measure_input_throughput(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
                              num_batches: int = 50) -> float:
   """Images/sec that the training iterator over `source` alone delivers (no model), at
-  the config's batch size and seed."""
+  the config's batch size and seed: after a first batch from every worker, so that their
+  start (a Python process each) is not timed."""
+  workers = config.input.worker_count
   with train_iterator(source, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
-                      worker_count=config.input.worker_count) as batches:
-    jax.block_until_ready(next(batches))  # Starts grain's threads/workers, fills caches.
+                      worker_count=workers) as batches:
+    for _ in range(max(1, workers)):
+      jax.block_until_ready(next(batches))
     start = time.perf_counter()
     for _ in range(num_batches):
       jax.block_until_ready(next(batches))
