@@ -47,8 +47,8 @@ def _data(config: ml_collections.ConfigDict) -> None:
   config.val_split = ml_collections.FieldReference(None, field_type=str)
   config.image_size = 32  # The model's input resolution (batches are resized on device).
   # The input pipeline (grain): processes that read, decode and (photos) crop the batches
-  # ahead of the step. 0 = a thread of the training process, enough for in-memory
-  # datasets; photos (image folders, ImageNet) want about one per free CPU core.
+  # ahead of the step. 0 = threads of the training process, enough for in-memory datasets
+  # and a few cores; photos on a many-core host want several (README, Data).
   config.input = ml_collections.ConfigDict()
   config.input.worker_count = 0
 

@@ -1,7 +1,9 @@
 """Image files and arrays on the host: decoding with PIL, channels, resizing.
 
-Used by image folders, by TFDS datasets of varying image size, and by predict, so that a
-file is decoded the same way wherever it comes from.
+The modes and channel rules of every image read (`to_8bit`, `to_channels`, the one-line
+`read_error`), shared by the photo crops (`preprocess`) and by predict's whole-image read
+(`decode_file`, for runs on fixed-size datasets), so that a file is decoded the same way
+wherever it comes from.
 """
 from __future__ import annotations
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import grain
 import jax
-from absl import flags
 import ml_collections
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh
 
 from vit_jax import errors, parallel
@@ -113,7 +113,8 @@ def _eval_rows(source: Source, batch_size: int, process_index: int, process_coun
 def _batches(rows: Callable[[int], Batch], steps: grain.MapDataset, batch_size: int,
              mesh: Mesh, worker_count: int, prefetch: int) -> grain.DatasetIterator:
   """grain: `rows(step)` for each element of `steps`, computed ahead in `worker_count`
-  processes (0: a thread of this one), then made global arrays on the devices by a thread.
+  processes (0: a thread of this one), then put on the devices as global arrays by a
+  thread.
 
   Each element is a whole batch: reading an in-memory split is then one indexing per
   batch, and a worker decodes its batch's images with a pool of threads.
@@ -126,8 +127,8 @@ def _batches(rows: Callable[[int], Batch], steps: grain.MapDataset, batch_size: 
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=prefetch))
   batches = batches.map(functools.partial(_to_global, batch_size=batch_size, mesh=mesh))
-  return iter(grain.experimental.ThreadPrefetchIterDataset(batches,
-                                                         prefetch_buffer_size=prefetch))
+  return iter(grain.experimental.ThreadPrefetchIterDataset(
+      batches, prefetch_buffer_size=prefetch))
 
 
 def _close(iterator: grain.DatasetIterator | None) -> None:
