@@ -23,6 +23,8 @@ setup(
         "ml-collections>=0.1.1",
         "numpy>=1.26",
         "tensorflow-datasets>=4.9.7",
+        # The input pipeline: random-access datasets, worker processes, prefetch.
+        "grain>=0.2.18",
         # TFDS needs TensorFlow to prepare datasets (download or manual_dir build).
         "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
         "tensorflow>=2.16; platform_machine != 'x86_64'",

@@ -1,8 +1,10 @@
 """Tests of the input pipeline: sources, deterministic resumable batches, eval, errors."""
 import io
 import json
+import multiprocessing
 import socket
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -187,13 +189,15 @@ def test_offline_download_fails_at_once_naming_the_host(tmp_path, monkeypatch):
     data.load_source(config, "train")
 
 
-def test_tfds_images_of_varying_size_are_resized(tmp_path):
-  config = make_config(dataset="tf_flowers", data_dir=str(tmp_path), load_size=24)
+def test_tfds_photos_are_kept_encoded_and_cropped_on_the_host(tmp_path):
+  config = make_config(dataset="tf_flowers", data_dir=str(tmp_path), image_size=24)
   with tfds.testing.mock_data(num_examples=20):
     source = data.load_source(config, "train")
-  assert isinstance(source, data.ArraySource)  # No array_record: decoded into memory.
+  assert isinstance(source, data.PhotoSource) and source.host_crops
   assert len(source) == 20 and source.image_shape == (24, 24, 3)
   assert source.class_names == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
+  batch = source.get(np.arange(20))
+  assert batch["image"].shape == (20, 24, 24, 3) and batch["image"].dtype == np.uint8
 
 
 def test_tfds_random_access_source(tmp_path, monkeypatch, mesh):
@@ -202,7 +206,7 @@ def test_tfds_random_access_source(tmp_path, monkeypatch, mesh):
   monkeypatch.setattr(tfds_source, "_has_array_record", lambda info: True)
   with tfds.testing.mock_data(num_examples=20):
     source = data.load_source(config, "train")
-    assert isinstance(source, data.StreamingSource)
+    assert isinstance(source, data.PhotoSource)
     assert len(source) == 20 and source.image_shape == (16, 16, 3)
     batch = source.get(np.array([3, 0, 3]))
     assert batch["image"].shape == (3, 16, 16, 3) and batch["image"].dtype == np.uint8
@@ -239,8 +243,12 @@ def image_folder(tmp_path):
 
 
 def folder_config(root: Path, **overrides):
-  return make_config(dataset="folder", data_dir=str(root), image_size=32, load_size=16,
-                     **overrides)
+  return make_config(dataset="folder", data_dir=str(root), image_size=16, **overrides)
+
+
+def everything(source: data.Source) -> dict[str, np.ndarray]:
+  """Every example of `source` (its evaluation view)."""
+  return source.get(np.arange(len(source)))
 
 
 def test_folder_source(image_folder):
@@ -248,17 +256,18 @@ def test_folder_source(image_folder):
   test = data.load_source(folder_config(image_folder), "test")
   assert train.class_names == test.class_names == ["bird", "cat", "dog"]
   assert (len(train), len(test)) == (13, 3)
-  assert train.image_shape == test.image_shape == (16, 16, 3)  # Load size, RGB.
-  np.testing.assert_array_equal(np.bincount(train.labels), [4, 5, 4])
-  for images, labels in ((train.images, train.labels), (test.images, test.labels)):
+  assert train.image_shape == test.image_shape == (16, 16, 3)  # image_size, RGB.
+  train, test = everything(train), everything(test)
+  np.testing.assert_array_equal(np.bincount(train["label"]), [4, 5, 4])
+  for images, labels in ((train["image"], train["label"]), (test["image"], test["label"])):
     for image, label in zip(images, labels):
-      name = train.class_names[label]
+      name = ["bird", "cat", "dog"][label]
       mean = image.reshape(-1, 3).mean(0)
       expected = (128, 128, 128) if np.ptp(mean) < 5 else COLORS[name]
       np.testing.assert_allclose(mean, expected, atol=6)
   # The grayscale image sits among the cats, with equal channels.
-  gray = [i for i, im in enumerate(train.images) if np.ptp(im.reshape(-1, 3).mean(0)) < 5]
-  assert len(gray) == 1 and train.class_names[train.labels[gray[0]]] == "cat"
+  gray = [i for i, im in enumerate(train["image"]) if np.ptp(im.reshape(-1, 3).mean(0)) < 5]
+  assert len(gray) == 1 and train["label"][gray[0]] == 1  # A cat.
 
 
 def test_folder_slices_partition_and_mix_classes(image_folder):
@@ -267,8 +276,9 @@ def test_folder_slices_partition_and_mix_classes(image_folder):
   tail = data.load_source(config, "train[50%:]")
   full = data.load_source(config, "train")
   assert len(head) + len(tail) == len(full)
-  np.testing.assert_array_equal(np.concatenate([head.labels, tail.labels]), full.labels)
-  assert len(set(head.labels)) > 1  # A fixed shuffled order, not one class after another.
+  labels = [everything(s)["label"] for s in (head, tail, full)]
+  np.testing.assert_array_equal(np.concatenate(labels[:2]), labels[2])
+  assert len(set(labels[0])) > 1  # A fixed shuffled order, not one class after another.
 
 
 def test_splits_take_the_training_splits_channels(tmp_path):
@@ -282,13 +292,14 @@ def test_splits_take_the_training_splits_channels(tmp_path):
   config = folder_config(tmp_path)
   test = data.load_source(config, "test")
   assert test.image_shape == data.load_source(config, "train").image_shape == (16, 16, 1)
-  assert sorted(np.unique(test.images).tolist()) == [76, 90]  # Pure red's luma: 76.
+  assert sorted(np.unique(everything(test)["image"]).tolist()) == [76, 90]  # Red's luma: 76.
   # One colour file among the training images: every split is RGB.
   write_image(tmp_path / "train" / "b" / "colour.png", (9, 12), (0, 0, 255))
   folders._training_channels.cache_clear()  # pylint: disable=protected-access
   test = data.load_source(config, "test")
   assert test.image_shape == (16, 16, 3)
-  assert {tuple(p) for p in test.images.reshape(-1, 3).tolist()} == {(90, 90, 90), (255, 0, 0)}
+  pixels = everything(test)["image"].reshape(-1, 3).tolist()
+  assert {tuple(p) for p in pixels} == {(90, 90, 90), (255, 0, 0)}
 
 
 def test_grayscale_folder_stays_single_channel(tmp_path):
@@ -296,7 +307,7 @@ def test_grayscale_folder_stays_single_channel(tmp_path):
     write_image(tmp_path / "train" / cls / "x.png", (9, 12), 200, mode="L")
   source = data.load_source(folder_config(tmp_path), "train")
   assert source.image_shape == (16, 16, 1)
-  np.testing.assert_array_equal(source.images, 200)
+  np.testing.assert_array_equal(everything(source)["image"], 200)
   mean, std = source.channel_mean_std()
   np.testing.assert_allclose(mean, [200.0])
   np.testing.assert_allclose(std, [0.0], atol=1e-3)
@@ -312,8 +323,9 @@ def test_unreadable_image_is_named(image_folder, contents):
     bad.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
   else:
     bad.write_text("this is not a png")
-  with pytest.raises(ValueError, match=f"Cannot read image {bad}"):
-    data.load_source(folder_config(image_folder), "train")
+  source = data.load_source(folder_config(image_folder), "train")  # Files are read later.
+  with pytest.raises(ValueError, match=f"Cannot read image {bad}: .* Replace or remove"):
+    everything(source)
 
 
 def test_empty_class_folder_is_named(image_folder):
@@ -429,19 +441,70 @@ def test_process_slices_cover_the_global_batch():
     pipeline.process_slice(positions, 0, 3)
 
 
-def test_prefetch_threads_stop(mesh):
-  def prefetch_threads():
-    return [t for t in threading.enumerate() if t.name == "input-prefetch" and t.is_alive()]
+def test_closing_stops_the_input_threads_and_workers(mesh):
+  with data.train_iterator(indexed_source(100), batch_size=8, seed=0, mesh=mesh,
+                           worker_count=1) as batches:
+    next(batches)  # grain's first workers start a thread pool it keeps for all later ones.
+  threads_before = len(threading.enumerate())
+  for workers in (0, 1, 0, 1):
+    batches = data.train_iterator(indexed_source(100), batch_size=8, seed=0, mesh=mesh,
+                                  worker_count=workers)
+    next(batches)
+    assert len(multiprocessing.active_children()) == workers
+    batches.close()
+    evaluation = iter(data.eval_batches(indexed_source(100), batch_size=8, mesh=mesh,
+                                        worker_count=workers))
+    next(evaluation)
+    evaluation.close()  # Abandoned half way.
+    assert not multiprocessing.active_children()
+  deadline = time.monotonic() + 10  # grain's threads notice the close within moments.
+  while len(threading.enumerate()) > threads_before and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert len(threading.enumerate()) == threads_before
 
-  before = len(prefetch_threads())
-  batches = data.train_iterator(indexed_source(100), batch_size=8, seed=0, mesh=mesh)
-  next(batches)
-  assert len(prefetch_threads()) == before + 1
-  batches.close()
-  evaluation = iter(data.eval_batches(indexed_source(100), batch_size=8, mesh=mesh))
-  next(evaluation)
-  evaluation.close()  # Abandoned half way.
-  assert len(prefetch_threads()) == before
+
+def photo_batches(config, mesh, workers: int, start_step: int = 0, steps: int = 3):
+  source = data.load_source(config, "train")
+  with data.train_iterator(source, batch_size=8, seed=5, mesh=mesh, start_step=start_step,
+                           worker_count=workers) as batches:
+    return [{k: np.asarray(v) for k, v in b.items()} for b in take(batches, steps)]
+
+
+def test_photo_crops_are_the_same_with_workers_and_after_resume(image_folder, mesh):
+  config = folder_config(image_folder)
+  config.aug.crop, config.aug.flip = "inception", True
+  in_process = photo_batches(config, mesh, workers=0)
+  with_workers = photo_batches(config, mesh, workers=2)
+  resumed = photo_batches(config, mesh, workers=1, start_step=1, steps=2)
+  for want, got in zip(in_process, with_workers):
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+  for want, got in zip(in_process[1:], resumed):
+    np.testing.assert_array_equal(got["image"], want["image"])
+  # Random crops: the 13 images come round again in batch 2 with other crops.
+  assert in_process[0]["image"].shape == (8, 16, 16, 3)
+  train = data.load_source(config, "train")
+  assert train.host_crops and data.for_device(config, True).aug.crop == "none"
+  evaluation = data.eval_batches(train, batch_size=8, mesh=mesh, worker_count=2)
+  batches = list(evaluation)
+  mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
+  np.testing.assert_array_equal(np.concatenate([np.asarray(b["image"]) for b in batches])[mask],
+                                everything(train)["image"])
+
+
+def test_corrupt_jpeg_in_a_worker_is_named_and_does_not_hang(image_folder, mesh):
+  bad = image_folder / "train" / "dog" / "bad.jpg"
+  buffer = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+      buffer, "JPEG")
+  bad.write_bytes(buffer.getvalue()[:200])
+  source = data.load_source(folder_config(image_folder), "train")
+  start = time.monotonic()
+  with data.train_iterator(source, batch_size=8, seed=0, mesh=mesh, worker_count=1) as batches:
+    with pytest.raises(errors.DataError, match=f"Cannot read image {bad}: .* Replace or remove"):
+      take(batches, 4)  # 32 examples: every file at least twice.
+  assert time.monotonic() - start < 120
+  assert not multiprocessing.active_children()
 
 
 def test_input_throughput_in_memory(mesh):

@@ -780,11 +780,12 @@ def test_image_modes_decode_to_the_right_channels(tmp_path):
   np.testing.assert_array_equal(read(bilevel), np.full((8, 8, 1), 255))
 
   config = config_lib.get_base_config()
-  config.dataset, config.data_dir, config.load_size = "folder", str(tmp_path), 8
+  config.dataset, config.data_dir, config.image_size = "folder", str(tmp_path), 8
   source = data.load_source(config, "train")
   assert source.image_shape == (8, 8, 3) and len(source) == 6  # Mixed: RGB throughout.
   assert source.class_names == ["a", "b"]
-  gray = source.images[source.labels == 1]
+  examples = source.get(np.arange(6))
+  gray = examples["image"][examples["label"] == 1]
   assert (gray[..., 0] == gray[..., 1]).all() and sorted(gray[:, 4, 4, 0]) == [77, 233, 255]
 
 
@@ -792,10 +793,10 @@ def test_grayscale_only_modes_stay_one_channel(tmp_path):
   save(Image.fromarray(np.full((5, 7), 30000, np.uint16)), tmp_path / "train" / "x" / "a.png")
   save(Image.new("LA", (6, 6), (10, 255)), tmp_path / "train" / "y" / "b.png")
   config = config_lib.get_base_config()
-  config.dataset, config.data_dir, config.load_size = "folder", str(tmp_path), 4
+  config.dataset, config.data_dir, config.image_size = "folder", str(tmp_path), 4
   source = data.load_source(config, "train")
   assert source.image_shape == (4, 4, 1)
-  assert sorted(source.images[:, 0, 0, 0]) == [10, 117]
+  assert sorted(source.get(np.arange(2))["image"][:, 0, 0, 0]) == [10, 117]
 
 
 def test_class_folders_without_images(tmp_path):

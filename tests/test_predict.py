@@ -12,6 +12,7 @@ from PIL import Image
 
 from vit_jax import config as config_lib, data, errors
 from vit_jax.tools import predict
+from vit_jax.train import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"black": (0, 0, 0), "white": (255, 255, 255), "red": (220, 30, 30),
@@ -89,11 +90,15 @@ def test_json_predictions_of_test_images_are_right(colour_run, capsys):
 def test_files_are_read_as_the_dataset_reads_them(colour_run):
   workdir, root = colour_run
   paths = sorted(str(p) for p in (root / "test").glob("*/*.png"))
-  readable, images, errors = predict.read_images(paths, (IMAGE_SIZE, IMAGE_SIZE, 3))
+  config = colour_config(root)
+  source = data.load_source(config, "test")
+  assert workdir_lib.load_run(workdir)["host_crops"] is True  # A run on a photo folder.
+  readable, images, errors = predict.read_images(
+      paths, (IMAGE_SIZE, IMAGE_SIZE, 3), config.aug.eval_crop_fraction)
   assert readable == paths and not errors
-  source = data.load_source(colour_config(root), "test")
   # Same pixels, bit for bit (the folder source holds them in its own order).
-  assert sorted(x.tobytes() for x in images) == sorted(x.tobytes() for x in source.images)
+  evaluated = source.get(np.arange(len(source)))["image"]
+  assert sorted(x.tobytes() for x in images) == sorted(x.tobytes() for x in evaluated)
 
 
 def test_grey_rgb_other_formats_and_odd_sizes(colour_run, tmp_path):

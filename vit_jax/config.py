@@ -46,8 +46,11 @@ def _data(config: ml_collections.ConfigDict) -> None:
   # picks the best checkpoint, and the eval_split is then scored with that checkpoint.
   config.val_split = ml_collections.FieldReference(None, field_type=str)
   config.image_size = 32  # The model's input resolution (batches are resized on device).
-  # Folder datasets are decoded and resized to this size on the host (0 = image_size).
-  config.load_size = 0
+  # The input pipeline (grain): processes that read, decode and (photos) crop the batches
+  # ahead of the step. 0 = threads of the training process, enough for in-memory datasets
+  # and a few cores; photos on a many-core host want several (README, Data).
+  config.input = ml_collections.ConfigDict()
+  config.input.worker_count = 0
 
 
 def _augmentation(config: ml_collections.ConfigDict) -> None:
@@ -248,7 +251,7 @@ _INTS = {
     "optim.accum_steps": (1, None, ""),
     "total_steps": (0, None, " (0 = from config.num_epochs)"),
     "optim.warmup_steps": (0, None, ""),
-    "load_size": (0, None, " (0 = config.image_size)"),
+    "input.worker_count": (0, None, " (0 = in the training process)"),
     "seed": (0, 2**32 - 1, ""),
     "aug.crop_padding": (0, None, ""),
     "aug.randaugment_layers": (0, None, " (0 = off)"),

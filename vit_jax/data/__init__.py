@@ -5,7 +5,8 @@
   folders    image folders (config.dataset="folder")
   tfds_source  TFDS datasets: found by name, prepared on first use, read
   decode     image files decoded with PIL (also for predict)
-  pipeline   deterministic resumable training batches, exact eval batches
+  preprocess host crops of photos at full resolution (train: random-resized; eval: centre)
+  pipeline   deterministic resumable training batches, exact eval batches, on grain
   catalog    image shape and class count of known datasets without reading them
   augment    batched augmentation in JAX, inside the jitted train step, built on
   geometry   affine warps, and randaugment (RandAugment)
@@ -17,7 +18,7 @@ import ml_collections
 
 from vit_jax.data.pipeline import (EvalBatches, TrainIterator, eval_batches,
                                    measure_input_throughput, train_iterator)
-from vit_jax.data.sources import ArraySource, Source, StreamingSource
+from vit_jax.data.sources import ArraySource, PhotoSource, Source, StreamingSource
 
 
 def load_source(config: ml_collections.ConfigDict, split: str) -> Source:
@@ -33,5 +34,20 @@ def load_source(config: ml_collections.ConfigDict, split: str) -> Source:
   return tfds_source.load(config, split)
 
 
-__all__ = ["ArraySource", "EvalBatches", "Source", "StreamingSource", "TrainIterator",
-           "eval_batches", "load_source", "measure_input_throughput", "train_iterator"]
+def for_device(config: ml_collections.ConfigDict, host_crops: bool) -> ml_collections.ConfigDict:
+  """`config` with the augmentation the device still has to do: where the source crops and
+  flips on the host (photos: `Source.host_crops`), only the rest."""
+  if not host_crops:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if config.aug.crop == "inception":
+      config.aug.crop = "none"
+    config.aug.flip = False
+    config.aug.eval_crop_fraction = 1.0
+  return config
+
+
+__all__ = ["ArraySource", "EvalBatches", "PhotoSource", "Source", "StreamingSource",
+           "TrainIterator", "eval_batches", "for_device", "load_source",
+           "measure_input_throughput", "train_iterator"]

@@ -20,12 +20,19 @@ KNOWN_DATASETS = {
     "svhn_cropped": ((32, 32, 3), 10),
     "stl10": ((96, 96, 3), 10),
 }
-# Datasets of varying image size are loaded at config.load_size (0 = image_size).
+# Datasets of photos of varying size are cropped on the host to config.image_size.
 KNOWN_VARIABLE_SIZE = {
     "imagenet2012": 1000, "imagenet_v2": 1000, "imagenette": 10, "oxford_iiit_pet": 37,
     "oxford_flowers102": 102, "caltech101": 102, "food101": 101, "cars196": 196,
     "dtd": 47, "eurosat": 10, "resisc45": 45, "places365_small": 365,
 }
+
+
+def crops_on_host(config: ml_collections.ConfigDict) -> bool:
+  """Whether config.dataset is photos of varying size, cropped on the host (`PhotoSource`):
+  an image folder or a known TFDS dataset of photos."""
+  return config.dataset == "folder" or (
+      config.dataset.split(":")[0].split("/")[0] in KNOWN_VARIABLE_SIZE)
 
 
 def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
@@ -38,7 +45,7 @@ def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, in
   if name in KNOWN_DATASETS:
     shape, classes = KNOWN_DATASETS[name]
     return tuple(shape), classes
-  size = config.load_size or config.image_size
+  size = config.image_size
   if name in KNOWN_VARIABLE_SIZE:
     return (size, size, 3), KNOWN_VARIABLE_SIZE[name]
   if name == "folder":

@@ -1,7 +1,9 @@
 """Image files and arrays on the host: decoding with PIL, channels, resizing.
 
-Used by image folders, by TFDS datasets of varying image size, and by predict, so that a
-file is decoded the same way wherever it comes from.
+The modes and channel rules of every image read (`to_8bit`, `to_channels`, the one-line
+`read_error`), shared by the photo crops (`preprocess`) and by predict's whole-image read
+(`decode_file`, for runs on fixed-size datasets), so that a file is decoded the same way
+wherever it comes from.
 """
 from __future__ import annotations
 
@@ -54,23 +56,33 @@ def is_grey(pil_mode: str) -> bool:
   return pil_mode in ("1", "L", "LA", "La") or pil_mode.startswith("I")
 
 
-def decode_file(path: Path, size: int) -> np.ndarray:
-  """[size, size, 1] for grayscale files, [size, size, 3] for the rest (alpha dropped).
+def to_8bit(pil: Image.Image) -> Image.Image:
+  """The image as 8-bit "L" (grey files) or "RGB" (the rest, alpha dropped).
 
   16-bit grayscale (PNG mode I;16 or I) is scaled to 8 bits; PIL's own conversion would
   clip everything above 255 to white.
   """
+  if pil.mode.startswith("I"):
+    wide = np.asarray(pil).astype(np.int64)
+    return Image.fromarray(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
+  mode = "L" if is_grey(pil.mode) else "RGB"
+  return pil if pil.mode == mode else pil.convert(mode)
+
+
+def read_error(name: object, error: Exception) -> errors.DataError:
+  """The one-line error for an image file PIL cannot read; `name` is its path or example."""
+  reason = " ".join(str(error).split()) or type(error).__name__
+  return errors.DataError(f"Cannot read image {name}: {reason}. Replace or remove the file.")
+
+
+def decode_file(path: Path, size: int) -> np.ndarray:
+  """[size, size, 1] for grayscale files, [size, size, 3] for the rest (alpha dropped)."""
   try:
     with (paths.open(str(path), "rb") if paths.is_remote(str(path)) else open(path, "rb")
           ) as f, Image.open(f) as pil:
-      if pil.mode.startswith("I"):
-        wide = np.asarray(pil).astype(np.int64)
-        image = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
-      else:
-        image = np.asarray(pil.convert("L" if is_grey(pil.mode) else "RGB"))
+      image = np.asarray(to_8bit(pil))
   except FileNotFoundError:
     raise errors.DataError(f"Cannot read image {path}: there is no such file.") from None
   except PIL_READ_ERRORS as e:
-    raise errors.DataError(f"Cannot read image {path}: {e or type(e).__name__}. Replace or remove "
-                     "the file.") from e
+    raise read_error(path, e) from e
   return resize(image.reshape(*image.shape[:2], -1), size)

@@ -2,8 +2,8 @@
 
 Splits take TFDS slices ("train[:90%]", "train+val"); a fixed pseudo-random order of the
 files makes slices mix the classes. Labels follow the training split's classes, and every
-split is decoded to the training split's channel count. Decoded once into memory,
-resized (squashed) to `config.load_size` squared (0 = image_size).
+split is decoded to the training split's channel count. Files are read when a batch needs
+them (in the input pipeline's workers) and cropped at full resolution (`PhotoSource`).
 """
 from __future__ import annotations
 
@@ -14,19 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from vit_jax import errors
 from vit_jax.data import decode
-from vit_jax.data.sources import ArraySource
+from vit_jax.data.sources import PhotoSource, read_file
 
 _FOLDER_LAYOUT = "ROOT/SPLIT/CLASS/*.{jpg,jpeg,png}, e.g. ROOT/train/cat/001.jpg"
 
 
-def load(config: ml_collections.ConfigDict, split: str) -> ArraySource:
-  """Decodes ROOT/SPLIT/CLASS/* images once, resized (squashed) to load_size squared."""
+def load(config: ml_collections.ConfigDict, split: str) -> PhotoSource:
+  """The files of ROOT/SPLIT/CLASS/*, read and cropped on demand."""
   if not config.data_dir:
     raise errors.DataError('config.dataset="folder" needs config.data_dir: the folder with '
                            f"the images, laid out as {_FOLDER_LAYOUT}.")
@@ -39,15 +38,12 @@ def load(config: ml_collections.ConfigDict, split: str) -> ArraySource:
                                               config.train_split)]
   if not examples:
     raise errors.DataError(f"Split {split!r} of {root} selects no images.")
-  size = config.load_size or config.image_size
-  print(f"Decoding {len(examples)} images of {root}:{split} at {size}x{size} ...",
-        flush=True)
-  decoded = list(decode.decode_pool().map(functools.partial(decode.decode_file, size=size),
-                                          [path for path, _ in examples]))
+  files = tuple(str(path) for path, _ in examples)
+  labels = tuple(label for _, label in examples)
   channels = _training_channels(root, config.train_split, tuple(class_names))
-  decoded = [decode.to_channels(im, channels) for im in decoded]
-  return ArraySource(np.stack(decoded), np.asarray([label for _, label in examples]),
-                     class_names=class_names, name="folder", split=split)
+  return PhotoSource.from_config(functools.partial(read_file, files, labels), len(files),
+                                 config, channels=channels, class_names=class_names,
+                                 name="folder", split=split)
 
 
 @functools.cache

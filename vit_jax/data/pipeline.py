@@ -3,29 +3,35 @@
 The same code feeds one CPU, GPUs or a TPU pod: every batch is a global `jax.Array`
 split along the mesh's "data" axis, and each process reads only its own rows.
 
-  train_iterator(source, *, batch_size, seed, mesh, start_step=0, shuffle=True)
+  train_iterator(source, *, batch_size, seed, mesh, start_step=0, shuffle=True,
+                 worker_count=0)
       -> TrainIterator: endless dict(image, label) batches; `get_state()` / `set_state()`
       save and restore the position (the step) so a resumed run sees the same batches.
-  eval_batches(source, *, batch_size, mesh) -> EvalBatches: re-iterable; every example
-      once, the last batch padded with zeros and marked by `mask`.
+  eval_batches(source, *, batch_size, mesh, worker_count=0) -> EvalBatches: re-iterable;
+      every example once, the last batch padded with zeros and marked by `mask`.
   epoch_order, global_batch_positions, process_slice: the index logic, pure functions.
   measure_input_throughput(source, config, mesh, num_batches=50) -> images/sec of the
       training iterator alone (no model).
+
+grain runs it: a random-access dataset of batches (element = step), read ahead by a thread
+or by `worker_count` worker processes (decoding and host crops happen there), then put on
+the devices by a thread. The order of examples is `epoch_order`: a permutation per
+(seed, epoch), drawn for a whole epoch at once (grain's per-element shuffle costs ~10x more
+per image for in-memory data).
 """
 from __future__ import annotations
 
 import functools
-import itertools
-import queue
-import threading
+import sys
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh
 
 from vit_jax import errors, parallel
@@ -71,69 +77,65 @@ def _example_indices(positions: np.ndarray, num_examples: int, seed: int,
   return indices
 
 
-def _to_global(local: Batch, batch_size: int, mesh: Mesh) -> dict[str, jax.Array]:
+def _to_global(local: Batch, *, batch_size: int, mesh: Mesh) -> dict[str, jax.Array]:
   sharding = parallel.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
           for k, v in local.items()}
 
 
-# --- Prefetching ----------------------------------------------------------------------------
-
-_DONE = object()
+# --- Batches on grain ------------------------------------------------------------------------
 
 
-def _produce(make_batch: Callable[[int], Any], steps: Iterator[int], out: queue.Queue,
-             stop: threading.Event) -> None:
-  """Thread body: batches in step order into `out` until `stop` or the steps run out."""
-
-  def put(item: Any) -> bool:
-    while not stop.is_set():
-      try:
-        out.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  try:
-    for step in steps:
-      if not put(make_batch(step)):
-        return
-    put(_DONE)
-  except BaseException as e:  # Re-raised in the consumer, where it can be seen.
-    put(e)
+def _train_rows(source: Source, batch_size: int, seed: int, shuffle: bool, process_index: int,
+                process_count: int, step: int) -> Batch:
+  """This process's rows of training batch `step`, read (and on the host augmented)."""
+  positions = process_slice(global_batch_positions(step, batch_size), process_index,
+                            process_count)
+  indices = _example_indices(positions, len(source), seed, shuffle)
+  return source.get_train(indices, positions, seed)
 
 
-class _Prefetcher:
-  """Makes `make_batch(step)` for each step on a background thread, `depth` ahead."""
-
-  def __init__(self, make_batch: Callable[[int], Any], steps: Iterator[int], depth: int):
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    thread = threading.Thread(target=_produce, daemon=True, name="input-prefetch",
-                              args=(make_batch, steps, self._queue, self._stop))
-    thread.start()
-    # Stops the thread when this object is closed, collected, or at interpreter exit.
-    self._finalizer = weakref.finalize(self, _stop_thread, self._stop, thread)
-
-  def next(self) -> Any:
-    item = self._queue.get()
-    if item is _DONE:
-      self.close()
-      raise StopIteration
-    if isinstance(item, BaseException):
-      self.close()
-      raise item
-    return item
-
-  def close(self) -> None:
-    self._finalizer()
+def _eval_rows(source: Source, batch_size: int, process_index: int, process_count: int,
+               index: int) -> Batch:
+  """This process's rows of evaluation batch `index`: past the end, zeros with mask False."""
+  positions = process_slice(global_batch_positions(index, batch_size), process_index,
+                            process_count)
+  mask = positions < len(source)
+  examples = source.get(positions[mask])
+  if not mask.all():
+    padded = {k: np.zeros((len(positions), *v.shape[1:]), v.dtype) for k, v in examples.items()}
+    for k, v in examples.items():
+      padded[k][mask] = v
+    examples = padded
+  return {**examples, "mask": mask}
 
 
-def _stop_thread(stop: threading.Event, thread: threading.Thread) -> None:
-  stop.set()
-  if thread is not threading.current_thread():
-    thread.join(timeout=10)
+def _batches(rows: Callable[[int], Batch], steps: grain.MapDataset, batch_size: int,
+             mesh: Mesh, worker_count: int, prefetch: int) -> grain.DatasetIterator:
+  """grain: `rows(step)` for each element of `steps`, computed ahead in `worker_count`
+  processes (0: a thread of this one), then put on the devices as global arrays by a
+  thread.
+
+  Each element is a whole batch: reading an in-memory split is then one indexing per
+  batch, and a worker decodes its batch's images with a pool of threads.
+  """
+  batches = steps.map(rows).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+  if worker_count:
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults here).
+      flags.FLAGS.mark_as_parsed()
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=prefetch))
+  batches = batches.map(functools.partial(_to_global, batch_size=batch_size, mesh=mesh))
+  return iter(grain.experimental.ThreadPrefetchIterDataset(
+      batches, prefetch_buffer_size=prefetch))
+
+
+def _close(iterator: grain.DatasetIterator | None) -> None:
+  """Stops grain's threads and worker processes now rather than at garbage collection."""
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()
 
 
 # --- Training and evaluation batches ---------------------------------------------------
@@ -144,11 +146,13 @@ class TrainIterator:
 
   Batch `step` holds positions [step*B, (step+1)*B) of the concatenated epoch orders
   (`epoch_order`), so it depends only on (seed, step, len(source)): restoring the step
-  is enough to resume, in O(1), on any number of processes.
+  is enough to resume, in O(1), on any number of processes and input workers (grain's
+  dataset of batches is random access: it starts at the step).
   """
 
   def __init__(self, source: Source, *, batch_size: int, seed: int, mesh: Mesh,
-               start_step: int = 0, shuffle: bool = True, prefetch: int = 2):
+               start_step: int = 0, shuffle: bool = True, worker_count: int = 0,
+               prefetch: int = 2):
     parallel.check_batch_divides(batch_size)
     if not len(source):
       raise errors.DataError(f"{source.name}:{source.split} has no examples to train on.")
@@ -156,13 +160,11 @@ class TrainIterator:
     self.batch_size = batch_size
     self.seed = seed
     self.shuffle = shuffle
-    # Holds no reference to `self`, so a forgotten iterator can still be collected
-    # (which stops its prefetch thread).
-    self._make_batch = functools.partial(_train_batch, source, batch_size, seed, shuffle,
-                                         mesh)
-    self._depth = prefetch
+    self._rows = functools.partial(_train_rows, source, batch_size, seed, shuffle,
+                                   jax.process_index(), jax.process_count())
+    self._mesh, self._workers, self._depth = mesh, worker_count, prefetch
     self._step = start_step
-    self._prefetcher: _Prefetcher | None = None
+    self._batches: grain.DatasetIterator | None = None
 
   @property
   def step(self) -> int:
@@ -173,11 +175,12 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
-    if self._prefetcher is None:
-      self._prefetcher = _Prefetcher(self._make_batch, itertools.count(self._step),
-                                     self._depth)
+    if self._batches is None:
+      steps = grain.MapDataset.range(self._step, sys.maxsize)
+      self._batches = _batches(self._rows, steps, self.batch_size, self._mesh,
+                               self._workers, self._depth)
     try:
-      batch = self._prefetcher.next()
+      batch = next(self._batches)
     except BaseException:
       self.close()  # The next call starts over at this step (and meets the error again).
       raise
@@ -201,10 +204,9 @@ class TrainIterator:
     self._step = int(state["step"])
 
   def close(self) -> None:
-    """Stops the prefetch thread; iterating again restarts it at the current step."""
-    if self._prefetcher is not None:
-      self._prefetcher.close()
-      self._prefetcher = None
+    """Stops grain's threads and workers; iterating again restarts them at the current step."""
+    _close(self._batches)
+    self._batches = None
 
   def __enter__(self) -> TrainIterator:
     return self
@@ -213,19 +215,12 @@ class TrainIterator:
     self.close()
 
 
-def _train_batch(source: Source, batch_size: int, seed: int, shuffle: bool, mesh: Mesh,
-                 step: int) -> dict[str, jax.Array]:
-  positions = global_batch_positions(step, batch_size)
-  local = process_slice(positions, jax.process_index(), jax.process_count())
-  indices = _example_indices(local, len(source), seed, shuffle)
-  return _to_global(source.get(indices), batch_size, mesh)
-
-
 def train_iterator(source: Source, *, batch_size: int, seed: int, mesh: Mesh,
-                   start_step: int = 0, shuffle: bool = True) -> TrainIterator:
+                   start_step: int = 0, shuffle: bool = True,
+                   worker_count: int = 0) -> TrainIterator:
   """Training batches of `source`; see `TrainIterator`."""
   return TrainIterator(source, batch_size=batch_size, seed=seed, mesh=mesh,
-                       start_step=start_step, shuffle=shuffle)
+                       start_step=start_step, shuffle=shuffle, worker_count=worker_count)
 
 
 class EvalBatches:
@@ -235,12 +230,14 @@ class EvalBatches:
   and label 0, marked False in `mask`. Iterate it again for each evaluation.
   """
 
-  def __init__(self, source: Source, *, batch_size: int, mesh: Mesh, prefetch: int = 2):
+  def __init__(self, source: Source, *, batch_size: int, mesh: Mesh, worker_count: int = 0,
+               prefetch: int = 2):
     parallel.check_batch_divides(batch_size, "config.eval_batch_size")
     self.source = source
     self.batch_size = batch_size
-    self._mesh = mesh
-    self._depth = prefetch
+    self._rows = functools.partial(_eval_rows, source, batch_size, jax.process_index(),
+                                   jax.process_count())
+    self._mesh, self._workers, self._depth = mesh, worker_count, prefetch
 
   @property
   def num_examples(self) -> int:
@@ -250,45 +247,30 @@ class EvalBatches:
     return -(-self.num_examples // self.batch_size)
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
-    prefetcher = _Prefetcher(
-        functools.partial(_eval_batch, self.source, self.batch_size, self._mesh),
-        iter(range(len(self))), self._depth)
+    batches = _batches(self._rows, grain.MapDataset.range(len(self)), self.batch_size,
+                       self._mesh, self._workers, self._depth)
     try:
-      while True:
-        try:
-          yield prefetcher.next()
-        except StopIteration:
-          return
+      yield from batches
     finally:
-      prefetcher.close()
+      _close(batches)
 
 
-def _eval_batch(source: Source, batch_size: int, mesh: Mesh,
-                index: int) -> dict[str, jax.Array]:
-  positions = global_batch_positions(index, batch_size)
-  local = process_slice(positions, jax.process_index(), jax.process_count())
-  mask = local < len(source)
-  examples = source.get(local[mask])
-  if not mask.all():
-    padded = {k: np.zeros((len(local), *v.shape[1:]), v.dtype) for k, v in examples.items()}
-    for k, v in examples.items():
-      padded[k][mask] = v
-    examples = padded
-  return _to_global({**examples, "mask": mask}, batch_size, mesh)
-
-
-def eval_batches(source: Source, *, batch_size: int, mesh: Mesh) -> EvalBatches:
+def eval_batches(source: Source, *, batch_size: int, mesh: Mesh,
+                 worker_count: int = 0) -> EvalBatches:
   """Evaluation batches of `source`; see `EvalBatches`."""
-  return EvalBatches(source, batch_size=batch_size, mesh=mesh)
+  return EvalBatches(source, batch_size=batch_size, mesh=mesh, worker_count=worker_count)
 
 
 def measure_input_throughput(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
                              num_batches: int = 50) -> float:
   """Images/sec that the training iterator over `source` alone delivers (no model), at
-  the config's batch size and seed."""
-  with train_iterator(source, batch_size=config.batch_size, seed=config.seed,
-                      mesh=mesh) as batches:
-    jax.block_until_ready(next(batches))  # Starts the thread and fills first caches.
+  the config's batch size and seed: after a first batch from every worker, so that their
+  start (a Python process each) is not timed."""
+  workers = config.input.worker_count
+  with train_iterator(source, batch_size=config.batch_size, seed=config.seed, mesh=mesh,
+                      worker_count=workers) as batches:
+    for _ in range(max(1, workers)):
+      jax.block_until_ready(next(batches))
     start = time.perf_counter()
     for _ in range(num_batches):
       jax.block_until_ready(next(batches))

@@ -1,23 +1,25 @@
 """Random-access sources of examples: uint8 images of one shape and int32 labels.
 
   Source: len(source), source.get(indices) -> dict(image=uint8[n,H,W,C], label=int32[n]),
-      source.class_names, source.num_classes, source.image_shape,
+      source.get_train(indices, positions, seed) (the training view), source.class_names,
+      source.num_classes, source.image_shape, source.host_crops,
       source.channel_mean_std() -> (mean[C], std[C]) in 0..255 pixel units.
   ArraySource(images, labels, class_names=...): a source over arrays already in memory.
-  StreamingSource(records, ...): one read record by record, decoded and resized on access.
+  StreamingSource(records, ...): fixed-shape images read record by record.
+  PhotoSource(read, n, ...): encoded images of any size, decoded and cropped on access.
 Every data mistake a user can fix raises errors.DataError (MissingDataError for absent
 files).
 """
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from vit_jax import errors
-from vit_jax.data import decode
+from vit_jax import errors, paths
+from vit_jax.data import decode, preprocess
 
 Batch = dict[str, np.ndarray]
 
@@ -26,7 +28,13 @@ _STATS_MAX_STREAMED = 10_000  # Streamed sources estimate mean/std from this man
 
 
 class Source(abc.ABC):
-  """Random-access uint8 images of one fixed shape [H, W, C] and int32 labels."""
+  """Random-access uint8 images of one fixed shape [H, W, C] and int32 labels.
+
+  `host_crops`: whether the source crops, resizes and flips on the host (photos of any
+  size); the device then leaves those steps out of its augmentation.
+  """
+
+  host_crops = False
 
   def __init__(self, *, name: str, split: str, class_names: Sequence[str]):
     self.name = name
@@ -50,6 +58,12 @@ class Source(abc.ABC):
   @abc.abstractmethod
   def get(self, indices: np.ndarray) -> Batch:
     """Examples at `indices` (any order, repeats allowed) as image/label arrays."""
+
+  def get_train(self, indices: np.ndarray, positions: np.ndarray, seed: int) -> Batch:
+    """Training examples at `indices`, which sit at `positions` of the run's order: sources
+    that augment on the host draw from (seed, position); the others are `get`."""
+    del positions, seed
+    return self.get(indices)
 
   def _stats_indices(self) -> np.ndarray:
     return np.arange(len(self))
@@ -103,19 +117,16 @@ class ArraySource(Source):
 
 
 class StreamingSource(Source):
-  """A split read record by record (e.g. a TFDS array_record data source).
-
-  Each image is decoded on access and resized on the host to `load_size` squared,
-  so images of any size come out with one shape.
-  """
+  """A split of fixed-shape images read record by record (e.g. a TFDS array_record data
+  source too big to hold in memory)."""
 
   def __init__(self, records: Sequence[dict[str, Any]], *, image_key: str, label_key: str,
-               load_size: int, channels: int, class_names: Sequence[str], name: str,
+               image_shape: tuple[int, int, int], class_names: Sequence[str], name: str,
                split: str):
     super().__init__(name=name, split=split, class_names=class_names)
     self.records = records
     self._keys = image_key, label_key
-    self._shape = (load_size, load_size, channels)
+    self._shape = tuple(image_shape)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -125,22 +136,111 @@ class StreamingSource(Source):
     return len(self.records)
 
   def _stats_indices(self) -> np.ndarray:
-    # An even spread of examples: exact enough for normalisation, cheap for big data.
-    n = len(self)
-    return np.linspace(0, n - 1, min(n, _STATS_MAX_STREAMED)).astype(np.int64)
-
-  def _read(self, index: int) -> tuple[np.ndarray, int]:
-    record = self.records[int(index)]
-    image_key, label_key = self._keys
-    return decode.resize(np.asarray(record[image_key]), self._shape[0]), int(record[label_key])
+    return _spread(len(self))
 
   def get(self, indices: np.ndarray) -> Batch:
-    examples = list(decode.decode_pool().map(self._read, indices))
-    images = np.stack([im for im, _ in examples]) if examples else np.zeros(
+    image_key, label_key = self._keys
+    records = [self.records[int(i)] for i in indices]
+    images = np.stack([np.asarray(r[image_key]) for r in records]) if records else np.zeros(
         (0, *self._shape), np.uint8)
-    labels = np.asarray([label for _, label in examples], np.int32)
+    labels = np.asarray([int(r[label_key]) for r in records], np.int32)
     check_labels(labels, self.num_classes, f"{self.name}:{self.split}", indices)
     return {"image": images, "label": labels}
+
+
+class PhotoSource(Source):
+  """Encoded images of any size (JPEG/PNG files, TFDS records kept encoded), decoded on
+  access and cropped on the host at full resolution to `size` squared.
+
+  `get` gives the evaluation view (shorter side resized, central crop of
+  `crop_fraction`); `get_train` the training view (random-resized crop when
+  `inception`, else the evaluation view; then a random flip when `flip`), its randomness
+  drawn per example from (seed, position in the run), so that it is the same on any number
+  of processes and workers. `read(i)` -> (encoded bytes, label, name for errors).
+  """
+
+  host_crops = True
+
+  def __init__(self, read: Callable[[int], tuple[bytes, int, str]], num_examples: int, *,
+               size: int, channels: int, inception: bool, scale: tuple[float, float],
+               flip: bool, crop_fraction: float, class_names: Sequence[str], name: str,
+               split: str):
+    super().__init__(name=name, split=split, class_names=class_names)
+    self._read, self._len = read, num_examples
+    self._shape = (size, size, channels)
+    self._inception, self._scale, self._flip = inception, tuple(scale), flip
+    self._crop_fraction = crop_fraction
+
+  @classmethod
+  def from_config(cls, read: Callable[[int], tuple[bytes, int, str]], num_examples: int,
+                  config: Any, *, channels: int, class_names: Sequence[str], name: str,
+                  split: str) -> PhotoSource:
+    """At config.image_size, with the crops and flip of config.aug."""
+    aug = config.aug
+    return cls(read, num_examples, size=config.image_size, channels=channels,
+               inception=aug.crop == "inception", scale=tuple(aug.crop_scale), flip=aug.flip,
+               crop_fraction=aug.eval_crop_fraction, class_names=class_names, name=name,
+               split=split)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self._shape
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _stats_indices(self) -> np.ndarray:
+    return _spread(len(self))
+
+  def _eval_view(self, index: int) -> tuple[np.ndarray, int]:
+    data, label, name = self._read(int(index))
+    size, _, channels = self._shape
+    return preprocess.eval_crop(data, size=size, crop_fraction=self._crop_fraction,
+                                channels=channels, name=name), label
+
+  def _train_view(self, index_and_seed: tuple[int, Sequence[int]]) -> tuple[np.ndarray, int]:
+    index, seed = index_and_seed
+    if not self._inception:
+      image, label = self._eval_view(index)
+      if self._flip and np.random.default_rng(seed).random() < 0.5:
+        image = image[:, ::-1]
+      return image, label
+    data, label, name = self._read(int(index))
+    size, _, channels = self._shape
+    return preprocess.train_crop(data, np.random.default_rng(seed), size=size,
+                                 scale=self._scale, flip=self._flip, channels=channels,
+                                 name=name), label
+
+  def _batch(self, views: list[tuple[np.ndarray, int]], indices: np.ndarray) -> Batch:
+    images = np.stack([im for im, _ in views]) if views else np.zeros((0, *self._shape),
+                                                                     np.uint8)
+    labels = np.asarray([label for _, label in views], np.int32)
+    check_labels(labels, self.num_classes, f"{self.name}:{self.split}", indices)
+    return {"image": images, "label": labels}
+
+  def get(self, indices: np.ndarray) -> Batch:
+    return self._batch(list(decode.decode_pool().map(self._eval_view, indices)), indices)
+
+  def get_train(self, indices: np.ndarray, positions: np.ndarray, seed: int) -> Batch:
+    seeds = [(seed, int(p)) for p in positions]
+    return self._batch(list(decode.decode_pool().map(self._train_view, zip(indices, seeds))),
+                       indices)
+
+
+def read_file(files: Sequence[str], labels: Sequence[int], index: int) -> tuple[bytes, int, str]:
+  """A `PhotoSource` read of image files (here, not in `folders`: the input workers
+  unpickle it without importing TFDS)."""
+  path = files[index]
+  try:
+    return paths.read_bytes(path), labels[index], path
+  except FileNotFoundError:
+    raise errors.DataError(f"Cannot read image {path}: there is no such file.") from None
+
+
+def _spread(n: int) -> np.ndarray:
+  """An even spread of examples for the channel statistics: exact enough for
+  normalisation, cheap for big data."""
+  return np.linspace(0, n - 1, min(n, _STATS_MAX_STREAMED)).astype(np.int64)
 
 
 def check_labels(labels: np.ndarray, num_classes: int, what: str,

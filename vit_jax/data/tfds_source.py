@@ -1,10 +1,12 @@
 """TFDS datasets as sources: found by name, prepared on first use, read into memory or on
 demand.
 
-Small fixed-shape datasets are held in memory as stored (`ArraySource`). Datasets that are
-big (> MAX_IN_MEMORY_EXAMPLES) or have images of varying size are resized on the host to
-`config.load_size` (0 = image_size): read on demand where TFDS has array_record files
-(`StreamingSource`), otherwise decoded once into memory.
+Fixed-shape datasets (CIFAR, the MNIST family) are held in memory as stored
+(`ArraySource`), or read record by record when big (> MAX_IN_MEMORY_EXAMPLES) and TFDS
+has array_record files (`StreamingSource`); the device augments them. Datasets of photos
+of varying size (ImageNet, pets, ...) are kept encoded, read on demand from array_record
+files (else held encoded in memory), and decoded and cropped at full resolution on the
+host, in the input pipeline's workers (`PhotoSource`).
 
 Preparation: from `config.manual_dir` when set (the files are checked first: TFDS would
 quietly download what is missing), else by download; without network the download stops
@@ -17,7 +19,7 @@ import contextlib
 import difflib
 import importlib.util
 import io
-import itertools
+import functools
 import os
 import shutil
 import socket
@@ -34,8 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from vit_jax import errors, parallel, paths
-from vit_jax.data import decode
-from vit_jax.data.sources import ArraySource, Source, StreamingSource
+from vit_jax.data.sources import ArraySource, PhotoSource, Source, StreamingSource
 
 # Beyond this many examples a split is read on demand instead of held in memory.
 MAX_IN_MEMORY_EXAMPLES = 200_000
@@ -49,15 +50,14 @@ def load(config: ml_collections.ConfigDict, split: str) -> Source:
   image_key, label_key = _supervised_keys(info)
   shape = tuple(info.features[image_key].shape)
   common = dict(class_names=info.features[label_key].names, name=builder.name, split=split)
-  if None not in shape and (num_examples or 0) <= MAX_IN_MEMORY_EXAMPLES:
-    images, labels = _read_split(builder, split, image_key, label_key)
-    return ArraySource(images, labels, **common)
-  load_size = config.load_size or config.image_size
-  if _has_array_record(info):
+  if None in shape:
+    return _photos(config, builder, split, image_key, label_key, shape[-1], common)
+  if (num_examples or 0) > MAX_IN_MEMORY_EXAMPLES and _has_array_record(info):
     return StreamingSource(builder.as_data_source(split=split), image_key=image_key,
-                           label_key=label_key, load_size=load_size, channels=shape[-1],
-                           **common)
-  return _decode_to_memory(builder, split, image_key, label_key, load_size, common)
+                           label_key=label_key, image_shape=shape, **common)
+  _check_fits_in_memory(builder, split, num_examples, np.prod(shape))
+  images, labels = _read_split(builder, split, image_key, label_key)
+  return ArraySource(images, labels, **common)
 
 
 def _supervised_keys(info: tfds.core.DatasetInfo) -> tuple[str, str]:
@@ -267,31 +267,35 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_key: str,
           np.concatenate([c[label_key] for c in chunks]))
 
 
-def _decode_to_memory(builder: tfds.core.DatasetBuilder, split: str, image_key: str,
-                      label_key: str, load_size: int, common: dict[str, Any]) -> ArraySource:
-  """Streams a split without random access once, keeping it resized to load_size."""
-  _hide_accelerators_from_tensorflow()
-  dataset = builder.as_dataset(split=split, shuffle_files=False)
-  channels = builder.info.features[image_key].shape[-1]
-  num_examples = len(dataset)
-  needed = num_examples * load_size * load_size * channels
+def _photos(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str,
+            image_key: str, label_key: str, channels: int, common: dict[str, Any]) -> Source:
+  """The split's images kept encoded: from array_record files on demand, else in memory."""
+  keep_encoded = {image_key: tfds.decode.SkipDecoding()}
+  if _has_array_record(builder.info):
+    records = builder.as_data_source(split=split, decoders=keep_encoded)
+  else:
+    _hide_accelerators_from_tensorflow()
+    dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=keep_encoded)
+    records = [{image_key: bytes(ex[image_key]), label_key: int(ex[label_key])}
+               for ex in tfds.as_numpy(dataset)]
+  read = functools.partial(_read_record, records, image_key, label_key,
+                           f"{builder.name}:{split}")
+  return PhotoSource.from_config(read, len(records), config, channels=channels, **common)
+
+
+def _read_record(records: Any, image_key: str, label_key: str, what: str,
+                 index: int) -> tuple[bytes, int, str]:
+  record = records[index]
+  return bytes(record[image_key]), int(record[label_key]), f"{what}[{index}]"
+
+
+def _check_fits_in_memory(builder: tfds.core.DatasetBuilder, split: str,
+                          num_examples: int | None, pixels: int) -> None:
+  needed = (num_examples or 0) * int(pixels)
   available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   if needed > available // 2:
     raise errors.DataError(
-        f"{builder.name}:{split}: {num_examples} images at {load_size}x{load_size}x"
-        f"{channels} need {needed / 2**30:.1f} GiB, more than half of this machine's "
-        f"memory. Lower config.load_size, or add array_record files for random access: "
+        f"{builder.name}:{split}: {num_examples} images need {needed / 2**30:.1f} GiB, more "
+        "than half of this machine's memory. Add array_record files for random access: "
         f"tfds convert_format --dataset_version_dir={builder.data_path} "
         "--out_file_format=array_record")
-  print(f"Decoding {num_examples} images of {builder.name}:{split} at "
-        f"{load_size}x{load_size} ...", flush=True)
-  images = np.empty((num_examples, load_size, load_size, channels), np.uint8)
-  labels = np.empty(num_examples, np.int32)
-  examples = iter(tfds.as_numpy(dataset))
-  start = 0
-  while chunk := list(itertools.islice(examples, _READ_CHUNK)):
-    resized = decode.decode_pool().map(lambda ex: decode.resize(ex[image_key], load_size), chunk)
-    images[start:start + len(chunk)] = np.stack(list(resized))
-    labels[start:start + len(chunk)] = [ex[label_key] for ex in chunk]
-    start += len(chunk)
-  return ArraySource(images, labels, **common)

@@ -195,7 +195,9 @@ def run(config: ml_collections.ConfigDict, *, verbose: bool = True) -> dict:
   with config.unlocked():
     # The schedule needs a length; its value does not change the cost of a step.
     config.total_steps = config.total_steps or 10_000
-  built = _compile(config, shape_HWC, num_classes, mesh)
+  # Photos reach the device cropped (the input workers' job): the step does the rest.
+  built = _compile(data.for_device(config, catalog.crops_on_host(config)), shape_HWC,
+                   num_classes, mesh)
   train_times, eval_times, final_loss = _time_steps(built, config.bench)
   counts = _flops_and_peak(config, built)
   input_ips, input_why = _input_throughput(config, mesh, config.bench.input_batches)

@@ -51,10 +51,12 @@ def evaluate_trained(trained: workdir_lib.Trained, workdir: str, which: str) -> 
   # Where the checkpoint put them (FSDP or replicated); host arrays go replicated.
   param_shardings = jax.tree_util.tree_map(
       lambda x: getattr(x, "sharding", None) or parallel.replicated(mesh), trained.params)
-  eval_step = steps.make_eval_step(config, trained.model, mesh, param_shardings,
-                                   mean_C=trained.mean_C, std_C=trained.std_C)
+  eval_step = steps.make_eval_step(data.for_device(config, source.host_crops), trained.model, mesh,
+                                   param_shardings, mean_C=trained.mean_C, std_C=trained.std_C)
   totals = steps.eval_totals(eval_step, trained.params, data.eval_batches(
-      source, batch_size=config.eval_batch_size, mesh=mesh))
+      source, batch_size=config.eval_batch_size, mesh=mesh,
+      # Runs from before config.input have no such key: in-process, as they read then.
+      worker_count=config.get("input", {}).get("worker_count", 0)))
   result = {**metrics.finalize_eval(totals), "step": trained.step}
   per_class = {"step": trained.step, "checkpoint": which, "split": config.eval_split,
                **result, "per_class": metrics.per_class(totals["confusion"],

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import errors, paths
-from vit_jax.data import augment, decode
+from vit_jax import data, errors, paths
+from vit_jax.data import augment, decode, preprocess, sources
 from vit_jax.train import workdir as workdir_lib
 
 TOP_K = 5
@@ -51,8 +51,11 @@ def expand_paths(images: Sequence[str]) -> list[str]:
   return files
 
 
-def read_image(path: str, image_shape: Sequence[int]) -> np.ndarray:
-  """uint8 [H, W, C] of the stored `image_shape`, decoded and resized as image folders are.
+def read_image(path: str, image_shape: Sequence[int],
+               crop_fraction: float | None = None) -> np.ndarray:
+  """uint8 [H, W, C] of the stored `image_shape`: with `crop_fraction`, the central crop
+  that the evaluation of a run on photos took (`host_crop_fraction`), else the whole
+  image resized (the device then crops it as the run's evaluation did).
 
   Raises ValueError (naming the file) when it is missing or not a readable image.
   """
@@ -60,18 +63,28 @@ def read_image(path: str, image_shape: Sequence[int]) -> np.ndarray:
   if height != width:
     raise ValueError(f"Stored image shape {list(image_shape)} is not square: vit_jax only "
                      "stores square images, so this workdir was not made by it.")
-  # The folder source's decoder, so files are decoded and resized exactly as in training.
+  if crop_fraction is not None:  # As a photo source's `get`, so exactly as evaluated.
+    encoded, _, _ = sources.read_file((path,), (0,), 0)
+    return preprocess.eval_crop(encoded, size=height, crop_fraction=crop_fraction,
+                                channels=channels, name=path)
   image = decode.decode_file(path, height)
   return decode.to_channels(image, channels)
 
 
-def read_images(paths: Sequence[str], image_shape: Sequence[int]
+def host_crop_fraction(run: dict, config) -> float | None:
+  """The evaluation crop to take on the host for a run on photos (run.json's host_crops),
+  else None."""
+  return config.aug.eval_crop_fraction if run.get("host_crops") else None
+
+
+def read_images(paths: Sequence[str], image_shape: Sequence[int],
+                crop_fraction: float | None = None
                 ) -> tuple[list[str], np.ndarray, dict[str, str]]:
   """The readable paths, their images stacked (uint8 [N, H, W, C]), and {path: error}."""
   readable, decoded, failures = [], [], {}
   for path in paths:
     try:
-      decoded.append(read_image(path, image_shape))
+      decoded.append(read_image(path, image_shape, crop_fraction))
       readable.append(path)
     except ValueError as e:
       failures[path] = str(e)
@@ -81,7 +94,7 @@ def read_images(paths: Sequence[str], image_shape: Sequence[int]
 
 def make_forward(trained: workdir_lib.Trained, attention: bool = False) -> Callable:
   """Jitted (params, uint8 B x H x W x C) -> softmax B x K [, attention weights per layer]."""
-  config, model = trained.config, trained.model
+  config, model = data.for_device(trained.config, trained.host_crops), trained.model
   mean_C = jnp.asarray(trained.mean_C, jnp.float32)
   std_C = jnp.asarray(trained.std_C, jnp.float32)
 
@@ -164,7 +177,8 @@ def predict_files(workdir: str, images: Sequence[str], which: str = "best",
         f"No image files in {list(images)}: pass files, or folders of "
         f"{'/'.join(decode.IMAGE_EXTENSIONS)} files (--images=a.jpg,folder/).")
   run = workdir_lib.load_run(workdir)
-  readable, images_NxHxWxC, failures = read_images(paths, run["image_shape"])
+  readable, images_NxHxWxC, failures = read_images(
+      paths, run["image_shape"], host_crop_fraction(run, workdir_lib.load_config(workdir)))
   if readable:
     report_unreadable(paths, readable, failures)
     probs = dict(zip(readable, _probabilities(workdir, which, images_NxHxWxC)))

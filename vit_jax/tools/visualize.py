@@ -189,8 +189,9 @@ def _inputs(trained: workdir_lib.Trained, workdir: str, images: Sequence[str]
   """(names, uint8 N x H x W x C at the stored shape, true labels where known)."""
   if images:
     paths = predict.expand_paths(images)
+    run = workdir_lib.load_run(workdir)
     readable, images_NxHxWxC, failures = predict.read_images(
-        paths, workdir_lib.load_run(workdir)["image_shape"])
+        paths, run["image_shape"], predict.host_crop_fraction(run, trained.config))
     predict.report_unreadable(paths, readable, failures)
     names = [f"{i:02d}_{os.path.splitext(os.path.basename(p))[0]}"
              for i, p in enumerate(readable)]

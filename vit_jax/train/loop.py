@@ -80,16 +80,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   paths.makedirs(workdir)
   workdir_lib.write_run_files(workdir, config, class_names=train_source.class_names,
                               image_shape=train_source.image_shape, mean_C=mean_C,
-                              std_C=std_C)
+                              std_C=std_C, host_crops=train_source.host_crops)
   writer = report.MetricsWriter(workdir)
   start_step = _resume(config, workdir, restored, store, writer)
 
   # -------------------------------------------------------------------------- Steps
-  train_step = steps.make_train_step(config, model, tx, mesh, shardings,
+  on_device = data.for_device(config, train_source.host_crops)  # Photos are cropped on the host.
+  train_step = steps.make_train_step(on_device, model, tx, mesh, shardings,
                                      num_classes=num_classes, mean_C=mean_C, std_C=std_C)
-  evaluate = _evaluator(steps.make_eval_step(config, model, mesh, shardings.params,
+  evaluate = _evaluator(steps.make_eval_step(on_device, model, mesh, shardings.params,
                                              mean_C=mean_C, std_C=std_C),
-                        config.eval_batch_size, mesh)
+                        config.eval_batch_size, mesh, config.input.worker_count)
 
   # --------------------------------------------------------------------------- Loop
   unlogged = list(restored.meta.get("unlogged", [])) if restored is not None else []
@@ -182,7 +183,8 @@ def _resume_or_start(config, workdir: str, state, shardings, train_source: data.
   restored = _restore(store, state, shardings, workdir, config)
   batches = pipeline.train_iterator(train_source, batch_size=config.batch_size,
                                     seed=config.seed, mesh=mesh,
-                                    start_step=restored.step if restored is not None else 0)
+                                    start_step=restored.step if restored is not None else 0,
+                                    worker_count=config.input.worker_count)
   if restored is not None:
     batches.set_state(restored.data_state)  # Refuses a state from another seed/batch/data.
     state = restored.state
@@ -206,12 +208,13 @@ def _resume(config, workdir: str, restored: checkpoints.Restored | None,
   return restored.step
 
 
-def _evaluator(eval_step, batch_size: int, mesh) -> Callable[[Any, data.Source, str], dict]:
+def _evaluator(eval_step, batch_size: int, mesh,
+               worker_count: int) -> Callable[[Any, data.Source, str], dict]:
   """(params, source, prefix) -> the metrics of every example of source, as prefix/..."""
 
   def evaluate(params, source: data.Source, prefix: str) -> dict:
     result = steps.run_eval(eval_step, params, pipeline.eval_batches(
-        source, batch_size=batch_size, mesh=mesh))
+        source, batch_size=batch_size, mesh=mesh, worker_count=worker_count))
     return {k.replace("eval/", f"{prefix}/"): v for k, v in result.items()}
 
   return evaluate

@@ -83,11 +83,16 @@ def changed_settings(workdir: str, config: ml_collections.ConfigDict,
 
 
 def write_run_files(workdir: str, config: ml_collections.ConfigDict, *, class_names,
-                    image_shape, mean_C: np.ndarray, std_C: np.ndarray) -> None:
-  """config.json and run.json: what eval, predict, export and a resumed run read back."""
+                    image_shape, mean_C: np.ndarray, std_C: np.ndarray,
+                    host_crops: bool = False) -> None:
+  """config.json and run.json: what eval, predict, export and a resumed run read back.
+
+  host_crops: the training data were photos cropped on the host (`Source.host_crops`):
+  predict then reads new images as their evaluation did.
+  """
   run = {"class_names": list(class_names), "num_classes": len(class_names),
          "image_shape": list(image_shape), "mean": np.asarray(mean_C).tolist(),
-         "std": np.asarray(std_C).tolist()}
+         "std": np.asarray(std_C).tolist(), "host_crops": host_crops}
   if jax.process_index() == 0:
     _atomic_write_json(paths.join(workdir, "config.json"),
                        json.loads(config.to_json_best_effort()))
@@ -170,6 +175,7 @@ class Trained:
   class_names: list[str]
   mean_C: np.ndarray
   std_C: np.ndarray
+  host_crops: bool = False  # Photos cropped on the host: see write_run_files.
 
 
 def load_trained(workdir: str, which: str = "best",
@@ -231,4 +237,5 @@ def load_trained(workdir: str, which: str = "best",
   params = restored.state.params if restored.state.ema_params is None else (
       restored.state.ema_params)
   return Trained(config, model, params, restored.step, run["class_names"],
-                 np.asarray(run["mean"], np.float32), np.asarray(run["std"], np.float32))
+                 np.asarray(run["mean"], np.float32), np.asarray(run["std"], np.float32),
+                 run.get("host_crops", False))
