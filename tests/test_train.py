@@ -62,7 +62,7 @@ def test_training_learns_fashion_mnist(fashion_mnist_dirs, tmp_path):
   config = fashion_mnist.get_config()
   config.manual_dir, config.data_dir = fashion_mnist_dirs
   config.train_split, config.eval_split = "train[:12800]", "test[:1000]"
-  config.model.overrides.update(dict(width=48, depth=2, num_heads=3, mlp_dim=96))
+  config.model.overrides.update(dict(width=48, depth=2, num_heads=3, mlp_dim=96, patch_size=4))
   config.batch_size, config.eval_batch_size = 64, 96  # 1000 = 10 x 96 + 40: padding.
   config.total_steps, config.log_every_steps, config.eval_every_steps = 200, 50, 100
   config.optim.warmup_steps = 20

@@ -180,18 +180,24 @@ def _resume_or_start(config, workdir: str, state, shardings, train_source: data.
   written: a failed start leaves the workdir as it was.
   """
   store = checkpoints.CheckpointStore(workdir, config.keep_checkpoints)
-  restored = _restore(store, state, shardings, workdir, config)
-  batches = pipeline.train_iterator(train_source, batch_size=config.batch_size,
-                                    seed=config.seed, mesh=mesh,
-                                    start_step=restored.step if restored is not None else 0,
-                                    worker_count=config.input.worker_count)
-  if restored is not None:
-    batches.set_state(restored.data_state)  # Refuses a state from another seed/batch/data.
-    state = restored.state
-  elif config.init_from:  # Read for a new run only: a resumed one has its own parameters.
-    params = pretrained.load_into(config, state.params)
-    state = state.replace(params=params, ema_params=(
-        None if state.ema_params is None else state_lib.ema_of(params)))
+  try:
+    restored = _restore(store, state, shardings, workdir, config)
+    batches = pipeline.train_iterator(train_source, batch_size=config.batch_size,
+                                      seed=config.seed, mesh=mesh,
+                                      start_step=restored.step if restored is not None else 0,
+                                      worker_count=config.input.worker_count)
+    if restored is not None:
+      batches.set_state(restored.data_state)  # Refuses a state of another seed/batch/data.
+      state = restored.state
+    elif config.init_from:  # Read for a new run only: a resumed one has its own parameters.
+      params = pretrained.load_into(config, state.params)
+      state = state.replace(params=params, ema_params=(
+          None if state.ema_params is None else state_lib.ema_of(params)))
+  except BaseException:
+    # Orbax's threads are stopped before the interpreter exits with the error: left
+    # running, one of them prints a traceback after the one-line message.
+    store.close()
+    raise
   return store, restored, batches, state
 
 
