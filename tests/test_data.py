@@ -200,6 +200,16 @@ def test_tfds_photos_are_kept_encoded_and_cropped_on_the_host(tmp_path):
   assert batch["image"].shape == (20, 24, 24, 3) and batch["image"].dtype == np.uint8
 
 
+def test_photos_too_big_for_memory_ask_for_array_record(tmp_path, monkeypatch):
+  config = make_config(dataset="tf_flowers", data_dir=str(tmp_path), image_size=24)
+  monkeypatch.setattr(tfds_source, "_split_bytes", lambda builder, split: 2**50)
+  with tfds.testing.mock_data(num_examples=20):
+    with pytest.raises(errors.DataError, match=r"tf_flowers:train: its images need "
+                       r"1048576.0 GiB, more than half of this machine's memory. Add "
+                       r"array_record files for random access: tfds convert_format"):
+      data.load_source(config, "train")
+
+
 def test_tfds_random_access_source(tmp_path, monkeypatch, mesh):
   config = make_config(dataset="tf_flowers", data_dir=str(tmp_path), image_size=16)
   # The mocks store no files; pretend the build has array_record ones to read on demand.

@@ -55,7 +55,7 @@ def load(config: ml_collections.ConfigDict, split: str) -> Source:
   if (num_examples or 0) > MAX_IN_MEMORY_EXAMPLES and _has_array_record(info):
     return StreamingSource(builder.as_data_source(split=split), image_key=image_key,
                            label_key=label_key, image_shape=shape, **common)
-  _check_fits_in_memory(builder, split, num_examples, np.prod(shape))
+  _check_fits_in_memory(builder, split, num_examples, (num_examples or 0) * int(np.prod(shape)))
   images, labels = _read_split(builder, split, image_key, label_key)
   return ArraySource(images, labels, **common)
 
@@ -274,6 +274,7 @@ def _photos(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
   if _has_array_record(builder.info):
     records = builder.as_data_source(split=split, decoders=keep_encoded)
   else:
+    _check_fits_in_memory(builder, split, _split_size(builder, split), _split_bytes(builder, split))
     _hide_accelerators_from_tensorflow()
     dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=keep_encoded)
     records = [{image_key: bytes(ex[image_key]), label_key: int(ex[label_key])}
@@ -289,13 +290,23 @@ def _read_record(records: Any, image_key: str, label_key: str, what: str,
   return bytes(record[image_key]), int(record[label_key]), f"{what}[{index}]"
 
 
+def _split_bytes(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """At most the stored size of `split` (encoded images): that of the whole splits it
+  slices (e.g. all of "train" for "train[:99%]"); 0 where TFDS does not know it."""
+  try:
+    return sum(int(builder.info.splits[part.split("[")[0].strip()].num_bytes or 0)
+               for part in split.split("+"))
+  except (KeyError, ValueError, AttributeError):
+    return 0
+
+
 def _check_fits_in_memory(builder: tfds.core.DatasetBuilder, split: str,
-                          num_examples: int | None, pixels: int) -> None:
-  needed = (num_examples or 0) * int(pixels)
+                          num_examples: int | None, needed: int) -> None:
   available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   if needed > available // 2:
     raise errors.DataError(
-        f"{builder.name}:{split}: {num_examples} images need {needed / 2**30:.1f} GiB, more "
+        f"{builder.name}:{split}: {f'{num_examples} images' if num_examples else 'its images'}"
+        f" need {needed / 2**30:.1f} GiB, more "
         "than half of this machine's memory. Add array_record files for random access: "
         f"tfds convert_format --dataset_version_dir={builder.data_path} "
         "--out_file_format=array_record")
