@@ -305,8 +305,12 @@ class CheckpointStore:
           "with, or train into another --workdir.")
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    for manager in (self.latest, self.best):
+      # Orbax's close() does not wait for the clean-up of unfinished checkpoints that the
+      # manager starts in a thread when created: a process that exits meanwhile (a refused
+      # start) gets a traceback from that thread after its one-line error.
+      getattr(manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+      manager.close()
 
 
 def abstract_with_shardings(tree, shardings):
