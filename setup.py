@@ -30,6 +30,8 @@ setup(
         "tensorflow>=2.16; platform_machine != 'x86_64'",
         "importlib_resources",
         "pillow>=10",
+        # Photos: JPEG decoding at reduced scale and resizing with the GIL released.
+        "opencv-python-headless>=4.14",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         # gs:// paths (workdir, init_from, export, predict): etils.epath reaches them through

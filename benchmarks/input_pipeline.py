@@ -11,19 +11,22 @@ decode_and_crop_jpeg).
 
 Two pipelines read those files on the same cores, interleaved: for each worker count W of
 --workers, one round runs tf.data then vit_jax(W), each in a fresh subprocess (one's
-threads and processes cannot slow the next, and TensorFlow and JAX never share one):
+threads and processes cannot slow the next). Both end where a training step starts: each
+batch a global jax.Array over parallel.make_mesh()'s devices, put there by a thread.
   tf.data   big_vision's training input: file list -> shuffle -> map(read_file,
             sample_distorted_bounding_box(area 0.08-1, aspect 3/4-4/3, 10 attempts),
             decode_and_crop_jpeg, resize to --image-size (bilinear), random flip, uint8;
-            AUTOTUNE) -> repeat -> batch(drop_remainder) -> prefetch(AUTOTUNE), read with
-            as_numpy_iterator(); GPUs hidden from TF; TF's default thread pools (all cores).
-            Not copied from big_vision: its host options (private_threadpool_size=48,
-            max_intra_op_parallelism=1) and its TFDS record files.
+            AUTOTUNE) -> repeat -> batch(drop_remainder) -> prefetch(AUTOTUNE) ->
+            as_numpy_iterator() -> big_vision's start_global (a thread puts 2 batches
+            ahead on the devices); GPUs hidden from TF; TF's default thread pools (all
+            cores). Not copied from big_vision: its host options
+            (private_threadpool_size=48, max_intra_op_parallelism=1) and its TFDS record
+            files.
   vit_jax   data.load_source(config, "train") of the folder (config.dataset="folder",
             aug.crop="inception", aug.flip=True, config.input.worker_count=W), then
             data.measure_input_throughput: images/s of the training iterator alone (grain:
             decode + inception crop at full resolution + flip in W worker processes, 0 =
-            in-process threads), its batches global jax.Arrays on parallel.make_mesh().
+            in-process threads).
             The load_source time is reported apart from that rate ("start s").
 Each run times --batches batches after a warm-up (--warmup batches for tf.data; one inside
 measure_input_throughput). The table gives per configuration the median images/s over
@@ -32,13 +35,10 @@ the start-up time (tf.data: building the pipeline and its warm-up batches; vit_j
 load_source) and the peak RSS of the measuring process (not of any worker processes).
 With --json, every run's record is written there as well.
 
-Time on 2 busy CPU cores (load average 2-4), defaults (batch 256, image 224, 3 rounds,
-workers 0,1,2, 18 runs): making 2,000 JPEGs took 21 s (measured). Each run pays about 3 s
-(vit_jax) or 8 s (tf.data) of imports; a tf.data run then decodes 11 batches (2,816 JPEGs)
-at 500-1,000 img/s, a vit_jax run of today's pipeline decodes the 2,000 files in
-load_source at about 170 img/s (12 s). In all about 5 minutes: an estimate from a
-300-image run, not measured at 2,000. Runs of a few batches are noisy (the same 300-image
-tf.data run gave 512 and 1,048 img/s): keep the default --batches and --rounds for figures.
+Time on the idle 2-core build machine, --rounds=2 (12 runs): about 3 minutes (measured),
+making 2,000 JPEGs first 21 s more. Each run pays about 3 s (vit_jax) or 8 s (tf.data) of
+imports, then a few seconds of decoding. Runs of a few batches are noisy (the same tf.data
+run gives 920-1,320 img/s): keep the default --batches and at least 2 rounds for figures.
 """
 from __future__ import annotations
 
@@ -47,11 +47,13 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import queue
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -167,8 +169,26 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB.
 
 
+def _on_devices(batches, prefetch: int = 2):
+  """big_vision's start_global: a thread makes each numpy batch a global jax.Array split
+  over the devices (the same layout as vit_jax's batches), `prefetch` batches ahead."""
+  import jax
+  from vit_jax import parallel
+  sharding = parallel.batch_sharding(parallel.make_mesh())
+  ready = queue.Queue(prefetch)
+
+  def put():
+    for batch in batches:
+      ready.put({k: jax.make_array_from_process_local_data(sharding, v)
+                 for k, v in batch.items()})
+  threading.Thread(target=put, daemon=True).start()
+  while True:
+    yield ready.get()
+
+
 def run_tf_data(args: argparse.Namespace) -> dict:
   """big_vision's training input pipeline over the files; images/s of as_numpy_iterator."""
+  import jax
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   tf.random.set_seed(args.seed)
@@ -195,13 +215,13 @@ def run_tf_data(args: argparse.Namespace) -> dict:
              .repeat()
              .batch(args.batch_size, drop_remainder=True)
              .prefetch(tf.data.AUTOTUNE))
-  batches = dataset.as_numpy_iterator()
+  batches = _on_devices(dataset.as_numpy_iterator())
   for _ in range(args.warmup):
-    batch = next(batches)
+    batch = jax.block_until_ready(next(batches))
   start_s = time.perf_counter() - start
   start = time.perf_counter()
   for _ in range(args.batches):
-    batch = next(batches)
+    batch = jax.block_until_ready(next(batches))
   elapsed = time.perf_counter() - start
   assert batch["image"].shape == (args.batch_size, size, size, 3), batch["image"].shape
   return {"images_per_sec": args.batches * args.batch_size / elapsed,

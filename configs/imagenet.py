@@ -8,8 +8,9 @@ gradient clipping 1.0, 90 epochs. big_vision's decay of 1e-4 per step x schedule
 
 Input: big_vision's ImageNet recipe on the host, in grain worker processes: training
 decodes each JPEG and takes the inception crop at full resolution
-(`decode_jpeg_and_inception_crop(224)|flip_lr`), evaluation resizes the shorter side to 256
-and takes the central 224 (`resize_small(256)|central_crop(224)`, crop fraction 0.875).
+(`decode_jpeg_and_inception_crop(224)|flip_lr`: bilinear resize of the box, no
+antialiasing), evaluation resizes the shorter side to 256 with area resampling and takes the
+central 224 (`resize_small(256)|central_crop(224)`, crop fraction 0.875).
 RandAugment, mixup and normalisation run on the device.
 
   python main.py --config=configs/imagenet.py --workdir=workdirs/imagenet_s16 \

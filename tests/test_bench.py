@@ -12,6 +12,7 @@ import sys
 import jax
 import ml_collections
 import pytest
+from PIL import Image
 
 from vit_jax import config as config_lib, models
 from vit_jax.data import catalog
@@ -72,14 +73,25 @@ def test_matmul_flops_count_scanned_layers_once_per_layer():
 
 def test_dataset_shapes_come_without_downloading():
   config = config_lib.get_base_config()
-  assert catalog.dataset_shape(config) == ((32, 32, 3), 100)  # cifar100
+  assert catalog.dataset_shape(config) == ((32, 32, 3), 100, False)  # cifar100
   config.dataset = "fashion_mnist"
-  assert catalog.dataset_shape(config) == ((28, 28, 1), 10)
+  assert catalog.dataset_shape(config) == ((28, 28, 1), 10, False)
   config.dataset, config.image_size = "imagenet2012", 224
-  assert catalog.dataset_shape(config) == ((224, 224, 3), 1000)
+  assert catalog.dataset_shape(config) == ((224, 224, 3), 1000, True)
   config.dataset = "no_such_dataset_xyz"
   with pytest.raises(ValueError, match="does not know the image shape"):
     catalog.dataset_shape(config)
+
+
+def test_image_folder_layout_is_photos_cropped_on_the_host(tmp_path):
+  for label in ("cat", "dog"):
+    (tmp_path / "train" / label).mkdir(parents=True)
+    Image.new("RGB", (50, 40)).save(tmp_path / "train" / label / "a.jpg")
+  config = config_lib.get_base_config()
+  config.dataset, config.data_dir, config.image_size = "folder", str(tmp_path), 48
+  config.train_split = "train"
+  # Bench mode then leaves the crop and flip out of the step, as training on them does.
+  assert catalog.dataset_shape(config) == ((48, 48, 3), 2, True)
 
 
 def test_peak_table():

@@ -1,9 +1,12 @@
-"""Image shape and class count of datasets, known without reading (or downloading) them.
+"""Image shape, classes and host cropping of datasets, known without reading (or downloading)
+their images.
 
 Bench mode times the train step on synthetic batches of the dataset's stored shape, on
 machines that may not have the data, or TFDS at all.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import ml_collections
 
@@ -28,15 +31,15 @@ KNOWN_VARIABLE_SIZE = {
 }
 
 
-def crops_on_host(config: ml_collections.ConfigDict) -> bool:
-  """Whether config.dataset is photos of varying size, cropped on the host (`PhotoSource`):
-  an image folder or a known TFDS dataset of photos."""
-  return config.dataset == "folder" or (
-      config.dataset.split(":")[0].split("/")[0] in KNOWN_VARIABLE_SIZE)
+class Layout(NamedTuple):
+  """What the compiled step of a dataset depends on."""
+  image_shape: tuple[int, int, int]  # As stored (photos: config.image_size squared).
+  num_classes: int
+  host_crops: bool  # Photos of varying size, cropped on the host (`Source.host_crops`).
 
 
-def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
-  """(stored image shape HWC, number of classes) of config.dataset, without downloading.
+def dataset_shape(config: ml_collections.ConfigDict) -> Layout:
+  """The Layout of config.dataset, without downloading.
 
   Known datasets come from the tables above; an image folder is read; another TFDS
   dataset must be prepared in config.data_dir (its info is read, TFDS imported here).
@@ -44,14 +47,14 @@ def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, in
   name = config.dataset.split(":")[0].split("/")[0]
   if name in KNOWN_DATASETS:
     shape, classes = KNOWN_DATASETS[name]
-    return tuple(shape), classes
+    return Layout(tuple(shape), classes, False)
   size = config.image_size
   if name in KNOWN_VARIABLE_SIZE:
-    return (size, size, 3), KNOWN_VARIABLE_SIZE[name]
+    return Layout((size, size, 3), KNOWN_VARIABLE_SIZE[name], True)
   if name == "folder":
     from vit_jax.data import folders  # pylint: disable=g-import-not-at-top  # Imports TFDS.
     source = folders.load(config, config.train_split)
-    return tuple(source.image_shape), source.num_classes
+    return Layout(tuple(source.image_shape), source.num_classes, source.host_crops)
   try:  # A prepared TFDS dataset: its info is on disk.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
@@ -60,9 +63,9 @@ def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, in
       keys = info.supervised_keys
       image_key, label_key = keys if keys and len(keys) == 2 else ("image", "label")
       shape = tuple(info.features[image_key].shape)
-      if None in shape:
-        shape = (size, size, shape[-1])
-      return shape, info.features[label_key].num_classes
+      photos = None in shape  # Kept encoded and cropped on the host (tfds_source._photos).
+      return Layout((size, size, shape[-1]) if photos else shape,
+                    info.features[label_key].num_classes, photos)
   except Exception:  # pylint: disable=broad-except
     pass
   raise errors.ConfigError(

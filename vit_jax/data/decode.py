@@ -75,6 +75,14 @@ def read_error(name: object, error: Exception) -> errors.DataError:
   return errors.DataError(f"Cannot read image {name}: {reason}. Replace or remove the file.")
 
 
+def read_image_bytes(path: str) -> bytes:
+  """The encoded bytes of an image file (local or remote), or a DataError naming it."""
+  try:
+    return paths.read_bytes(path)
+  except FileNotFoundError:
+    raise errors.DataError(f"Cannot read image {path}: there is no such file.") from None
+
+
 def decode_file(path: Path, size: int) -> np.ndarray:
   """[size, size, 1] for grayscale files, [size, size, 3] for the rest (alpha dropped)."""
   try:

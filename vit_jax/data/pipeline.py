@@ -120,7 +120,7 @@ def _batches(rows: Callable[[int], Batch], steps: grain.MapDataset, batch_size: 
   batch, and a worker decodes its batch's images with a pool of threads.
   """
   batches = steps.map(rows).to_iter_dataset(
-      grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
   if worker_count:
     if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults here).
       flags.FLAGS.mark_as_parsed()

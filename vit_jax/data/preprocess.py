@@ -3,16 +3,18 @@
   train_crop  the inception (random-resized) crop, resized to size x size, random flip
   eval_crop   shorter side to size / crop_fraction, then the central size x size crop
   crop_box    the inception crop's box alone (torchvision's RandomResizedCrop.get_params)
+  flip        the random left-right flip of a training view
 
-As big_vision (decode_jpeg_and_inception_crop; resize_small + central_crop) and timm
-(RandomResizedCrop; Resize + CenterCrop with crop_pct) do. Written for grain worker
-processes: numpy and PIL only, and all randomness comes from the `rng` argument.
+big_vision's ImageNet recipe: decode_jpeg_and_inception_crop (bilinear resize, no
+antialiasing) for training, resize_small (area resampling) + central_crop for evaluation;
+the box as torchvision and timm draw it. Written for grain worker processes: numpy, PIL (the
+header, and the reason a file cannot be read) and OpenCV (decoding and resizing, with the
+GIL released, so that threads scale); all randomness comes from the `rng` argument.
 
-Only the box is resampled (PIL's resize with `box=`), and JPEGs are decoded at 1/2, 1/4 or
-1/8 scale (PIL's draft mode: libjpeg's scaled DCT) when the box still has at least `size`
-pixels on its shorter side there, so a small crop of a big photo costs a fraction of a full
-decode. The box is chosen in full-resolution coordinates from the header, so the crop does
-not depend on the scale the file was decoded at.
+JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled DCT) when what is kept still has
+at least the target's pixels on its shorter side there, so a small crop of a big photo costs
+a fraction of a full decode. The box is chosen in full-resolution coordinates from the
+header, so the crop does not depend on the scale the file was decoded at.
 """
 from __future__ import annotations
 
@@ -21,17 +23,28 @@ import io
 import math
 from collections.abc import Iterator
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from vit_jax.data import decode
 
+# Images are decoded in parallel by the input threads and workers; OpenCV's own thread pool
+# on top of them would oversubscribe the cores.
+cv2.setNumThreads(1)
+
 # Aspect ratios (width / height) of the inception crop, as in torchvision and timm.
 _RATIO = (3 / 4, 4 / 3)
 # Box proposals tried before the fallback (torchvision, timm and big_vision all try 10).
 _ATTEMPTS = 10
-# JPEG DCT scalings PIL's draft mode offers, largest reduction first.
-_DRAFT_SCALES = (8, 4, 2)
+# JPEG DCT scalings libjpeg offers, largest reduction first.
+_REDUCTIONS = (8, 4, 2)
+# Files are read as they are stored: EXIF orientation is ignored, as TFDS, tf.data and PIL do.
+_FLAGS = {
+    (3, 1): cv2.IMREAD_COLOR, (3, 2): cv2.IMREAD_REDUCED_COLOR_2,
+    (3, 4): cv2.IMREAD_REDUCED_COLOR_4, (3, 8): cv2.IMREAD_REDUCED_COLOR_8,
+    (1, 1): cv2.IMREAD_GRAYSCALE, (1, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (1, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, (1, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8}
 
 
 def crop_box(height: int, width: int, rng: np.random.Generator,
@@ -63,49 +76,52 @@ def crop_box(height: int, width: int, rng: np.random.Generator,
 def train_crop(data: bytes, rng: np.random.Generator, *, size: int, scale: tuple[float, float],
                flip: bool, channels: int, name: str) -> np.ndarray:
   """uint8 [size, size, channels]: an inception crop of the encoded image `data`, resized to
-  size x size (bilinear, antialiased), flipped left-right with probability 1/2 if `flip`.
+  size x size (bilinear, no antialiasing, as big_vision), then `flip`ped.
 
   `name` (a file path or "dataset:split[index]") names the example in a DataError.
   """
-  with _reading(name):
-    pil = Image.open(io.BytesIO(data))
-  top, left, h, w = crop_box(pil.height, pil.width, rng, scale)
-  x_SxSxC = _resize_box(pil, (left, top, left + w, top + h), size, channels, name)
-  if flip and rng.random() < 0.5:
-    x_SxSxC = np.ascontiguousarray(x_SxSxC[:, ::-1])
-  return x_SxSxC
+  height, width, is_jpeg = _header(data, name)
+  top, left, h, w = crop_box(height, width, rng, scale)
+  reduction = _reduction(min(h, w), size) if is_jpeg else 1
+  x_HxWxC = _decode(data, channels, reduction, name)
+  # The box at the decoded scale (libjpeg rounds the reduced size up; the box stays inside).
+  top, left, bottom, right = (round(v / reduction) for v in (top, left, top + h, left + w))
+  resized = cv2.resize(x_HxWxC[top:bottom, left:right], (size, size),
+                       interpolation=cv2.INTER_LINEAR)
+  return flip_view(_channels_last(resized, channels), rng, flip)
 
 
 def eval_crop(data: bytes, *, size: int, crop_fraction: float, channels: int,
               name: str) -> np.ndarray:
   """uint8 [size, size, channels]: the image's shorter side resized to
-  round(size / crop_fraction) (aspect ratio kept), then its central size x size crop.
-
-  Computed as a resize of the matching box of the source, which gives the same pixels (up
-  to float rounding) without resizing what the crop drops.
+  round(size / crop_fraction) (aspect ratio kept; area resampling), then its central
+  size x size crop: big_vision's resize_small + central_crop.
   """
   if not 0 < crop_fraction <= 1:
     raise ValueError(f"crop_fraction must be in (0, 1], not {crop_fraction}.")
-  with _reading(name):
-    pil = Image.open(io.BytesIO(data))
-  height, width = pil.height, pil.width
+  height, width, is_jpeg = _header(data, name)
   shorter = round(size / crop_fraction)
-  # The resized image, rounded as big_vision's resize_small rounds it.
+  # Rounded as big_vision's resize_small rounds it.
   resized_h = round(height * shorter / min(height, width))
   resized_w = round(width * shorter / min(height, width))
+  reduction = _reduction(min(height, width), shorter) if is_jpeg else 1
+  resized = cv2.resize(_decode(data, channels, reduction, name), (resized_w, resized_h),
+                       interpolation=cv2.INTER_AREA)
   top, left = (resized_h - size) // 2, (resized_w - size) // 2
-  # The crop in source pixels; multiplied first, so that an edge of the image maps onto it
-  # exactly (PIL refuses a box even a rounding error outside the image).
-  box = (width * left / resized_w, height * top / resized_h,
-         width * (left + size) / resized_w, height * (top + size) / resized_h)
-  return _resize_box(pil, box, size, channels, name)
+  return _channels_last(resized[top:top + size, left:left + size], channels)
+
+
+def flip_view(x_HxWxC: np.ndarray, rng: np.random.Generator, flip: bool) -> np.ndarray:
+  """The view flipped left-right with probability 1/2 if `flip` (one draw from `rng`)."""
+  if flip and rng.random() < 0.5:
+    return cv2.flip(x_HxWxC, 1).reshape(x_HxWxC.shape)  # numpy's strided copy is 50x slower.
+  return x_HxWxC
 
 
 def image_size_of(data: bytes, *, name: str) -> tuple[int, int]:
   """(height, width) of the encoded image `data`, read from its header only."""
-  with _reading(name):
-    pil = Image.open(io.BytesIO(data))
-  return pil.height, pil.width
+  height, width, _ = _header(data, name)
+  return height, width
 
 
 @contextlib.contextmanager
@@ -117,25 +133,33 @@ def _reading(name: str) -> Iterator[None]:
     raise decode.read_error(name, e) from e
 
 
-def _draft_scale(box_shorter: float, size: int) -> int:
-  """The largest JPEG reduction at which the box keeps at least `size` pixels a side."""
-  return next((s for s in _DRAFT_SCALES if box_shorter / s >= size), 1)
-
-
-def _resize_box(pil: Image.Image, box: tuple[float, float, float, float], size: int,
-                channels: int, name: str) -> np.ndarray:
-  """uint8 [size, size, channels]: the (left, top, right, bottom) box of the lazily opened
-  `pil`, in full-resolution pixels, resized to size x size."""
-  left, top, right, bottom = box
-  width, height = pil.size
-  want = _draft_scale(min(right - left, bottom - top), size)
+def _header(data: bytes, name: str) -> tuple[int, int, bool]:
+  """(height, width, is it a JPEG) from the file's header (PIL reads nothing more)."""
   with _reading(name):
-    # draft() only does something for JPEG (None otherwise). It returns the full image's
-    # extent in the reduced image's pixels, (0, 0, width / s, height / s), which maps the box
-    # exactly; the reduced image's size, ceil(width / s), would be off by a fraction.
-    drafted = pil.draft(pil.mode, (width // want, height // want)) if want > 1 else None
-    reduction = width / drafted[1][2] if drafted else 1
-    resized = decode.to_8bit(pil).resize((size, size), Image.Resampling.BILINEAR,
-                                         box=tuple(v / reduction for v in box))
-  x_SxSxC = np.array(resized).reshape(size, size, -1)  # A writable copy.
-  return decode.to_channels(x_SxSxC, channels)
+    pil = Image.open(io.BytesIO(data))
+  return pil.height, pil.width, pil.format == "JPEG"
+
+
+def _reduction(kept_shorter: int, target: int) -> int:
+  """The largest JPEG reduction at which `kept_shorter` pixels still cover `target`."""
+  return next((s for s in _REDUCTIONS if kept_shorter / s >= target), 1)
+
+
+def _decode(data: bytes, channels: int, reduction: int, name: str) -> np.ndarray:
+  """uint8 [h, w, 3] (BGR) or [h, w] (grey) of the encoded image, at 1/`reduction` scale.
+
+  Grey files repeated to 3 channels, alpha dropped, 16 bits scaled to 8 (OpenCV's IMREAD
+  rules, the same as `decode.to_8bit`'s up to rounding).
+  """
+  x = cv2.imdecode(np.frombuffer(data, np.uint8),
+                   _FLAGS[channels, reduction] | cv2.IMREAD_IGNORE_ORIENTATION)
+  if x is None:  # OpenCV gives no reason: PIL's, for the one-line error.
+    with _reading(name):
+      Image.open(io.BytesIO(data)).load()
+    raise decode.read_error(name, ValueError("OpenCV cannot decode it"))
+  return x
+
+
+def _channels_last(x: np.ndarray, channels: int) -> np.ndarray:
+  """[h, w] grey -> [h, w, 1]; [h, w, 3] BGR -> RGB."""
+  return x[..., None] if channels == 1 else cv2.cvtColor(x, cv2.COLOR_BGR2RGB)

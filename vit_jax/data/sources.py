@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax import errors, paths
+from vit_jax import errors
 from vit_jax.data import decode, preprocess
 
 Batch = dict[str, np.ndarray]
@@ -202,9 +202,7 @@ class PhotoSource(Source):
     index, seed = index_and_seed
     if not self._inception:
       image, label = self._eval_view(index)
-      if self._flip and np.random.default_rng(seed).random() < 0.5:
-        image = image[:, ::-1]
-      return image, label
+      return preprocess.flip_view(image, np.random.default_rng(seed), self._flip), label
     data, label, name = self._read(int(index))
     size, _, channels = self._shape
     return preprocess.train_crop(data, np.random.default_rng(seed), size=size,
@@ -231,10 +229,7 @@ def read_file(files: Sequence[str], labels: Sequence[int], index: int) -> tuple[
   """A `PhotoSource` read of image files (here, not in `folders`: the input workers
   unpickle it without importing TFDS)."""
   path = files[index]
-  try:
-    return paths.read_bytes(path), labels[index], path
-  except FileNotFoundError:
-    raise errors.DataError(f"Cannot read image {path}: there is no such file.") from None
+  return decode.read_image_bytes(path), labels[index], path
 
 
 def _spread(n: int) -> np.ndarray:

@@ -190,13 +190,13 @@ def run(config: ml_collections.ConfigDict, *, verbose: bool = True) -> dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_divides(config.batch_size)
   parallel.check_batch_divides(config.eval_batch_size, "config.eval_batch_size")
-  shape_HWC, num_classes = catalog.dataset_shape(config)
+  shape_HWC, num_classes, host_crops = catalog.dataset_shape(config)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     # The schedule needs a length; its value does not change the cost of a step.
     config.total_steps = config.total_steps or 10_000
   # Photos reach the device cropped (the input workers' job): the step does the rest.
-  built = _compile(data.for_device(config, catalog.crops_on_host(config)), shape_HWC,
+  built = _compile(data.for_device(config, host_crops), shape_HWC,
                    num_classes, mesh)
   train_times, eval_times, final_loss = _time_steps(built, config.bench)
   counts = _flops_and_peak(config, built)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import data, errors, paths
-from vit_jax.data import augment, decode, preprocess, sources
+from vit_jax.data import augment, decode, preprocess
 from vit_jax.train import workdir as workdir_lib
 
 TOP_K = 5
@@ -64,7 +64,7 @@ def read_image(path: str, image_shape: Sequence[int],
     raise ValueError(f"Stored image shape {list(image_shape)} is not square: vit_jax only "
                      "stores square images, so this workdir was not made by it.")
   if crop_fraction is not None:  # As a photo source's `get`, so exactly as evaluated.
-    encoded, _, _ = sources.read_file((path,), (0,), 0)
+    encoded = decode.read_image_bytes(path)
     return preprocess.eval_crop(encoded, size=height, crop_fraction=crop_fraction,
                                 channels=channels, name=path)
   image = decode.decode_file(path, height)
