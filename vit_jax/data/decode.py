@@ -63,10 +63,14 @@ def to_8bit(pil: Image.Image) -> Image.Image:
   clip everything above 255 to white.
   """
   if pil.mode.startswith("I"):
-    wide = np.asarray(pil).astype(np.int64)
-    return Image.fromarray(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
+    return Image.fromarray(wide_to_8bit(np.asarray(pil)))
   mode = "L" if is_grey(pil.mode) else "RGB"
   return pil if pil.mode == mode else pil.convert(mode)
+
+
+def wide_to_8bit(x: np.ndarray) -> np.ndarray:
+  """16-bit (or wider) pixel values scaled to uint8, rounded: 65535 -> 255, 32768 -> 128."""
+  return ((np.clip(x.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def read_error(name: object, error: Exception) -> errors.DataError:

@@ -169,16 +169,17 @@ def _reduction(kept_shorter: int, target: int) -> int:
 def _decode(data: bytes, channels: int, reduction: int, name: str) -> np.ndarray:
   """uint8 [h, w, 3] (RGB) or [h, w] (grey) of the encoded image, at 1/`reduction` scale.
 
-  Grey files repeated to 3 channels, alpha dropped, 16 bits scaled to 8 (OpenCV's IMREAD
-  rules, the same as `decode.to_8bit`'s up to rounding).
+  Grey files repeated to 3 channels and alpha dropped (OpenCV's rules, PIL's too); 16 bits
+  scaled to 8 as `decode.to_8bit` does.
   """
-  x = cv2.imdecode(np.frombuffer(data, np.uint8),
-                   _COLOUR[channels] | _REDUCED[reduction] | cv2.IMREAD_IGNORE_ORIENTATION)
+  x = cv2.imdecode(np.frombuffer(data, np.uint8), _COLOUR[channels] | _REDUCED[reduction] |
+                   cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION)
   if x is None:  # OpenCV gives no reason: PIL's, for the one-line error.
     with _reading(name):
       Image.open(io.BytesIO(data)).load()
     raise decode.read_error(name, ValueError("OpenCV cannot decode it"))
-  return x
+  # 16-bit files scaled as everywhere else (OpenCV alone would drop the low byte).
+  return x if x.dtype == np.uint8 else decode.wide_to_8bit(x)
 
 
 def _channels_last(x: np.ndarray, channels: int) -> np.ndarray:
