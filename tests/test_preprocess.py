@@ -239,6 +239,43 @@ def test_flip_about_half_the_time():
   assert not any(flipped(rng, False) for _ in range(20))
 
 
+# --- Writing into a batch -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_crops_written_into_out_equal_the_returned_crops(channels):
+  data = encode(smooth_photo(120, 90), "JPEG")
+  batch = np.zeros((3, 24, 24, channels), np.uint8)
+  for seed in (0, 1):  # Seed 1 flips, seed 0 does not: both paths write into the row.
+    crop = preprocess.train_crop(data, np.random.default_rng(seed), size=24, scale=(0.3, 1),
+                                 flip=True, channels=channels, name="p.jpg")
+    written = preprocess.train_crop(data, np.random.default_rng(seed), size=24,
+                                    scale=(0.3, 1), flip=True, channels=channels,
+                                    name="p.jpg", out=batch[seed])
+    assert np.shares_memory(written, batch[seed])
+    np.testing.assert_array_equal(batch[seed], crop)
+  preprocess.eval_crop(data, size=24, crop_fraction=0.875, channels=channels, name="p.jpg",
+                       out=batch[2])
+  np.testing.assert_array_equal(batch[2], preprocess.eval_crop(
+      data, size=24, crop_fraction=0.875, channels=channels, name="p.jpg"))
+  assert [_is_flipped(seed) for seed in (0, 1)] == [False, True]
+
+
+def _is_flipped(seed: int) -> bool:
+  """Whether the flip draw of train_crop (after the 22 of the box) flips with this seed."""
+  rng = np.random.default_rng(seed)
+  rng.random(22)
+  return bool(rng.random() < 0.5)
+
+
+def test_out_of_the_wrong_shape_is_refused():
+  data = encode(smooth_photo(40, 40))
+  with pytest.raises(ValueError, match=re.escape(
+      "out must be a C-contiguous uint8 array of shape (16, 16, 3), not uint8 (16, 16, 1).")):
+    preprocess.eval_crop(data, size=16, crop_fraction=1.0, channels=3, name="p.png",
+                         out=np.zeros((16, 16, 1), np.uint8))
+
+
 # --- Bad data ------------------------------------------------------------------------------
 
 

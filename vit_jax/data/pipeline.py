@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh
 
-from vit_jax import errors, parallel
+from vit_jax import errors, host_memory, parallel
 from vit_jax.data.sources import Batch, Source
 
 
@@ -79,6 +79,8 @@ def _example_indices(positions: np.ndarray, num_examples: int, seed: int,
 
 def _to_global(local: Batch, *, batch_size: int, mesh: Mesh) -> dict[str, jax.Array]:
   sharding = parallel.batch_sharding(mesh)
+  if mesh.devices.flat[0].platform == "cpu":  # Aligned host memory goes in without a copy.
+    local = {k: host_memory.aligned(v) for k, v in local.items()}
   return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
           for k, v in local.items()}
 

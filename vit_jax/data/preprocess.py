@@ -3,7 +3,7 @@
   train_crop  the inception (random-resized) crop, resized to size x size, random flip
   eval_crop   shorter side to size / crop_fraction, then the central size x size crop
   crop_box    the inception crop's box alone (torchvision's RandomResizedCrop.get_params)
-  flip        the random left-right flip of a training view
+  flip_view   the random left-right flip of a training view, in place
 
 big_vision's ImageNet recipe: decode_jpeg_and_inception_crop (bilinear resize, no
 antialiasing) for training, resize_small (area resampling) + central_crop for evaluation;
@@ -74,9 +74,11 @@ def crop_box(height: int, width: int, rng: np.random.Generator,
 
 
 def train_crop(data: bytes, rng: np.random.Generator, *, size: int, scale: tuple[float, float],
-               flip: bool, channels: int, name: str) -> np.ndarray:
+               flip: bool, channels: int, name: str, out: np.ndarray | None = None
+               ) -> np.ndarray:
   """uint8 [size, size, channels]: an inception crop of the encoded image `data`, resized to
-  size x size (bilinear, no antialiasing, as big_vision), then `flip`ped.
+  size x size (bilinear, no antialiasing, as big_vision), then `flip`ped; written into `out`
+  (e.g. a row of a batch) when given.
 
   `name` (a file path or "dataset:split[index]") names the example in a DataError.
   """
@@ -86,16 +88,17 @@ def train_crop(data: bytes, rng: np.random.Generator, *, size: int, scale: tuple
   x_HxWxC = _decode(data, channels, reduction, name)
   # The box at the decoded scale (libjpeg rounds the reduced size up; the box stays inside).
   top, left, bottom, right = (round(v / reduction) for v in (top, left, top + h, left + w))
-  resized = cv2.resize(x_HxWxC[top:bottom, left:right], (size, size),
-                       interpolation=cv2.INTER_LINEAR)
-  return flip_view(_channels_last(resized, channels), rng, flip)
+  out = _output(out, size, channels)
+  cv2.resize(x_HxWxC[top:bottom, left:right], (size, size), dst=out,
+             interpolation=cv2.INTER_LINEAR)
+  return flip_view(out, rng, flip)
 
 
 def eval_crop(data: bytes, *, size: int, crop_fraction: float, channels: int,
-              name: str) -> np.ndarray:
+              name: str, out: np.ndarray | None = None) -> np.ndarray:
   """uint8 [size, size, channels]: the image's shorter side resized to
   round(size / crop_fraction) (aspect ratio kept; area resampling), then its central
-  size x size crop: big_vision's resize_small + central_crop.
+  size x size crop: big_vision's resize_small + central_crop. Written into `out` when given.
   """
   if not 0 < crop_fraction <= 1:
     raise ValueError(f"crop_fraction must be in (0, 1], not {crop_fraction}.")
@@ -108,13 +111,16 @@ def eval_crop(data: bytes, *, size: int, crop_fraction: float, channels: int,
   resized = cv2.resize(_decode(data, channels, reduction, name), (resized_w, resized_h),
                        interpolation=cv2.INTER_AREA)
   top, left = (resized_h - size) // 2, (resized_w - size) // 2
-  return _channels_last(resized[top:top + size, left:left + size], channels)
+  out = _output(out, size, channels)
+  out[...] = resized[top:top + size, left:left + size].reshape(out.shape)
+  return out
 
 
 def flip_view(x_HxWxC: np.ndarray, rng: np.random.Generator, flip: bool) -> np.ndarray:
-  """The view flipped left-right with probability 1/2 if `flip` (one draw from `rng`)."""
+  """Flips the view left-right in place with probability 1/2 if `flip` (one draw from
+  `rng`); returns it."""
   if flip and rng.random() < 0.5:
-    return cv2.flip(x_HxWxC, 1).reshape(x_HxWxC.shape)  # numpy's strided copy is 50x slower.
+    cv2.flip(x_HxWxC, 1, dst=x_HxWxC)  # numpy's strided copy is 50x slower.
   return x_HxWxC
 
 
@@ -182,6 +188,12 @@ def _decode(data: bytes, channels: int, reduction: int, name: str) -> np.ndarray
   return x if x.dtype == np.uint8 else decode.wide_to_8bit(x)
 
 
-def _channels_last(x: np.ndarray, channels: int) -> np.ndarray:
-  """[h, w] grey -> [h, w, 1]; RGB as it is."""
-  return x[..., None] if channels == 1 else x
+def _output(out: np.ndarray | None, size: int, channels: int) -> np.ndarray:
+  """`out`, checked to be a uint8 [size, size, channels] array, or a new one."""
+  shape = (size, size, channels)
+  if out is None:
+    return np.empty(shape, np.uint8)
+  if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+    raise ValueError(f"out must be a C-contiguous uint8 array of shape {shape}, not "
+                     f"{out.dtype} {out.shape}.")
+  return out

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax import errors
+from vit_jax import errors, host_memory
 from vit_jax.data import decode, preprocess
 
 Batch = dict[str, np.ndarray]
@@ -192,37 +192,44 @@ class PhotoSource(Source):
   def _stats_indices(self) -> np.ndarray:
     return _spread(len(self))
 
-  def _eval_view(self, index: int) -> tuple[np.ndarray, int]:
+  def _eval_view(self, index: int, out: np.ndarray) -> int:
+    """Writes example `index`'s evaluation view into `out`; returns its label."""
     data, label, name = self._read(int(index))
     size, _, channels = self._shape
-    return preprocess.eval_crop(data, size=size, crop_fraction=self._crop_fraction,
-                                channels=channels, name=name), label
+    preprocess.eval_crop(data, size=size, crop_fraction=self._crop_fraction,
+                         channels=channels, name=name, out=out)
+    return label
 
-  def _train_view(self, index_and_seed: tuple[int, Sequence[int]]) -> tuple[np.ndarray, int]:
-    index, seed = index_and_seed
+  def _train_view(self, index: int, seed: Sequence[int], out: np.ndarray) -> int:
+    """Writes example `index`'s training view, drawn from `seed`, into `out`; returns its
+    label."""
+    rng = np.random.default_rng(seed)
     if not self._inception:
-      image, label = self._eval_view(index)
-      return preprocess.flip_view(image, np.random.default_rng(seed), self._flip), label
+      label = self._eval_view(index, out)
+      preprocess.flip_view(out, rng, self._flip)
+      return label
     data, label, name = self._read(int(index))
     size, _, channels = self._shape
-    return preprocess.train_crop(data, np.random.default_rng(seed), size=size,
-                                 scale=self._scale, flip=self._flip, channels=channels,
-                                 name=name), label
+    preprocess.train_crop(data, rng, size=size, scale=self._scale, flip=self._flip,
+                          channels=channels, name=name, out=out)
+    return label
 
-  def _batch(self, views: list[tuple[np.ndarray, int]], indices: np.ndarray) -> Batch:
-    images = np.stack([im for im, _ in views]) if views else np.zeros((0, *self._shape),
-                                                                     np.uint8)
-    labels = np.asarray([label for _, label in views], np.int32)
+  def _batch(self, view: Callable[..., int], indices: np.ndarray, *args: Sequence[Any]
+             ) -> Batch:
+    """`view(indices[i], *(a[i] for a in args), images[i])` for every i, in the decoding
+    threads: each writes its image straight into its row of one aligned batch (no stacking
+    copy, and CPU devices take the batch without another: host_memory)."""
+    images = host_memory.empty((len(indices), *self._shape), np.uint8)
+    labels = np.asarray(list(decode.decode_pool().map(view, indices, *args, images)),
+                        np.int32)
     check_labels(labels, self.num_classes, f"{self.name}:{self.split}", indices)
     return {"image": images, "label": labels}
 
   def get(self, indices: np.ndarray) -> Batch:
-    return self._batch(list(decode.decode_pool().map(self._eval_view, indices)), indices)
+    return self._batch(self._eval_view, indices)
 
   def get_train(self, indices: np.ndarray, positions: np.ndarray, seed: int) -> Batch:
-    seeds = [(seed, int(p)) for p in positions]
-    return self._batch(list(decode.decode_pool().map(self._train_view, zip(indices, seeds))),
-                       indices)
+    return self._batch(self._train_view, indices, [(seed, int(p)) for p in positions])
 
 
 def read_file(files: Sequence[str], labels: Sequence[int], index: int) -> tuple[bytes, int, str]:
