@@ -838,6 +838,16 @@ def test_a_missing_image_file_is_said_to_be_missing(tmp_path):
   assert str(error.value) == f"Cannot read image {tmp_path / 'boot.jpg'}: there is no such file."
 
 
+def test_a_folder_named_like_an_image_is_refused_in_one_line(tmp_path):
+  folder = tmp_path / "boot.jpg"
+  folder.mkdir()
+  for read in (lambda: decode.decode_file(folder, 8), lambda: decode.read_image_bytes(str(folder))):
+    with pytest.raises(errors.DataError) as error:
+      read()
+    assert str(error.value) == (f"Cannot read image {folder}: [Errno 21] Is a directory: "
+                                f"'{folder}'. Replace or remove the file.")
+
+
 def test_labels_outside_the_classes_name_split_and_values():
   images = np.zeros((14, 4, 4, 1), np.uint8)
   labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, -1, 12])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import io
 import os
 from pathlib import Path
 
@@ -85,16 +86,16 @@ def read_image_bytes(path: str) -> bytes:
     return paths.read_bytes(path)
   except FileNotFoundError:
     raise errors.DataError(f"Cannot read image {path}: there is no such file.") from None
+  except OSError as e:  # A folder, no permission, an I/O error.
+    raise read_error(path, e) from e
 
 
 def decode_file(path: Path, size: int) -> np.ndarray:
   """[size, size, 1] for grayscale files, [size, size, 3] for the rest (alpha dropped)."""
+  data = read_image_bytes(str(path))
   try:
-    with (paths.open(str(path), "rb") if paths.is_remote(str(path)) else open(path, "rb")
-          ) as f, Image.open(f) as pil:
+    with Image.open(io.BytesIO(data)) as pil:
       image = np.asarray(to_8bit(pil))
-  except FileNotFoundError:
-    raise errors.DataError(f"Cannot read image {path}: there is no such file.") from None
   except PIL_READ_ERRORS as e:
     raise read_error(path, e) from e
   return resize(image.reshape(*image.shape[:2], -1), size)
