@@ -9,9 +9,8 @@ cost: the process keeps its peak heap until it exits, which a training run does 
 docs/performance.md has the measurements.
 
 jax's CPU client uses a host array in place (zero-copy) when its data starts on a 64-byte
-boundary, and copies it otherwise, at about a quarter of memcpy's speed: a 38 MB batch of
-photos costs 80-100 ms to put on the device unaligned, 0.2 ms aligned (docs/performance.md).
-numpy aligns to 16 bytes only, so batches are built in `empty` arrays or moved by `aligned`.
+boundary, and copies it otherwise, slower than a memcpy would (docs/performance.md). numpy
+aligns to 16 bytes only, so batches are built in `empty` arrays or moved by `aligned`.
 """
 from __future__ import annotations
 
