@@ -838,6 +838,15 @@ def test_a_missing_image_file_is_said_to_be_missing(tmp_path):
   assert str(error.value) == f"Cannot read image {tmp_path / 'boot.jpg'}: there is no such file."
 
 
+def test_a_file_that_is_no_image_is_named_without_reader_internals(tmp_path):
+  path = tmp_path / "notes.jpg"
+  path.write_text("shopping list")
+  with pytest.raises(errors.DataError) as error:
+    decode.decode_file(path, 8)
+  assert str(error.value) == (f"Cannot read image {path}: cannot identify image file. "
+                              "Replace or remove the file.")
+
+
 def test_a_folder_named_like_an_image_is_refused_in_one_line(tmp_path):
   folder = tmp_path / "boot.jpg"
   folder.mkdir()

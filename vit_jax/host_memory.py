@@ -56,7 +56,10 @@ def empty(shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
 
 
 def aligned(x: np.ndarray) -> np.ndarray:
-  """`x` itself if it is C-contiguous and 64-byte aligned, else an aligned copy."""
+  """`x` itself if it is C-contiguous and 64-byte aligned, else an aligned copy.
+
+  CPU devices then share the memory: nothing may write to `x` (or the copy) afterwards.
+  """
   if x.flags.c_contiguous and x.ctypes.data % _DEVICE_ALIGNMENT == 0:
     return x
   out = empty(x.shape, x.dtype)

@@ -76,7 +76,10 @@ def wide_to_8bit(x: np.ndarray) -> np.ndarray:
 
 def read_error(name: object, error: Exception) -> errors.DataError:
   """The one-line error for an image file PIL cannot read; `name` is its path or example."""
-  reason = " ".join(str(error).split()) or type(error).__name__
+  if isinstance(error, Image.UnidentifiedImageError):  # PIL's text names the BytesIO object.
+    reason = "cannot identify image file"
+  else:
+    reason = " ".join(str(error).split()) or type(error).__name__
   return errors.DataError(f"Cannot read image {name}: {reason}. Replace or remove the file.")
 
 
