@@ -3,6 +3,7 @@
 Nothing here asserts a speed: only that the numbers exist, have the right types and are
 in sane ranges. Tiny models and few steps keep each run to seconds.
 """
+import importlib.util
 import json
 import os
 import pathlib
@@ -214,3 +215,13 @@ def test_bench_mode_needs_neither_tfds_nor_tensorflow(tmp_path):
   assert result["input/images_per_sec"] is None
   assert result["input/skipped"] == ("ModuleNotFoundError: import of tensorflow_datasets "
                                      "halted; None in sys.modules")
+
+
+def test_conv_stem_benchmark_runs_both_forms_on_the_same_parameters():
+  spec = importlib.util.spec_from_file_location("conv_stem_bench",
+                                                REPO / "benchmarks" / "conv_stem.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  result = module.run(batch=2, image_size=8, channels=2, patch=4, features=3, width=8, reps=1)
+  assert result["xla_conv_ms"] > 0 and result["vit_jax_ms"] > 0
+  assert result["max_abs_diff"] < 1e-5  # The same function: only float rounding differs.

@@ -329,6 +329,30 @@ def test_grayscale_input():
   assert variables["params"]["embedding"]["kernel"].shape == (4, 4, 1, 32)
 
 
+def test_conv_stem_equals_a_3x3_convolution_then_a_strided_patch_convolution():
+  model = _tiny(stem_features=5)
+  variables, x = _init(model, channels=2)  # 16 px: a 4 x 4 grid of 4-pixel patches.
+  params = variables["params"]
+  assert params["stem"]["kernel"].shape == (3, 3, 2, 5)
+  assert params["embedding"]["kernel"].shape == (4 * 4 * 5, 32)
+  _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+                         mutable=["intermediates"])
+  (tokens_BxNxD,) = state["intermediates"]["embedding"]["__call__"]
+  # Independently, with XLA's convolutions: SAME 3x3, tanh GELU, then a 4 x 4 stride-4
+  # convolution whose kernel is the embedding's, read as 4 x 4 x F x D.
+  dn = ("NHWC", "HWIO", "NHWC")
+  y = jax.lax.conv_general_dilated(x, params["stem"]["kernel"], (1, 1), "SAME",
+                                   dimension_numbers=dn, precision="highest")
+  y = jax.nn.gelu(y + params["stem"]["bias"], approximate=True)
+  expected = jax.lax.conv_general_dilated(
+      y, params["embedding"]["kernel"].reshape(4, 4, 5, 32), (4, 4), "VALID",
+      dimension_numbers=dn, precision="highest") + params["embedding"]["bias"]
+  np.testing.assert_allclose(tokens_BxNxD, expected.reshape(4, 16, 32), rtol=2e-5, atol=2e-5)
+  assert models.count_params(model, 16, channels=2) == (
+      models.count_params(_tiny(), 16, channels=2) - 4 * 4 * 2 * 32 + 3 * 3 * 2 * 5 + 5
+      + 4 * 4 * 5 * 32)
+
+
 def test_bad_inputs_raise_clear_errors():
   model = _tiny()
   with pytest.raises(ValueError, match=r"Image size 18x18 is not divisible by the patch "

@@ -368,6 +368,19 @@ def test_an_rgb_checkpoint_cannot_feed_another_channel_count(tmp_path, source):
     pretrained.load_params(_config(path), jax.tree_util.tree_map(jnp.zeros_like, shapes))
 
 
+def test_a_published_checkpoint_cannot_feed_a_model_with_a_conv_stem(tmp_path, source):
+  path = tmp_path / "rgb.npz"
+  export.export_npz(source[1], str(path))
+  shapes = jax.eval_shape(lambda: state_lib.init_params(_model(stem_features=8), 0,
+                                                        (16, 16, 3)))
+  with pytest.raises(errors.CheckpointMismatchError) as e:
+    pretrained.load_params(_config(path), jax.tree_util.tree_map(jnp.zeros_like, shapes))
+  assert str(e.value).endswith(
+      "\n  shape mismatch: embedding/kernel: file (4, 4, 3, 32) vs model (128, 32)\n  "
+      "missing from the file: stem/bias (8,)\n  missing from the file: stem/kernel "
+      "(3, 3, 3, 8)")
+
+
 def test_old_big_vision_table_with_a_slot_and_optional_modules(tmp_path, source):
   arrays = _layout(_published(source[1], tmp_path), "c")
   # big_vision before 2022 prepended cls first: a top-level table of 1 + 4 x 4 rows.

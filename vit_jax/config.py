@@ -294,8 +294,8 @@ _STRINGS = ("dataset", "train_split", "eval_split", "model.name", "init_cache_di
 _OPTIONAL_STRINGS = ("data_dir", "manual_dir", "val_split", "init_from")
 # Model fields (config.model.overrides.*) with a range other than their type's default.
 _MODEL_CHOICES = {"pool": models.POOLS, "posemb": models.POSEMBS}
-# 0 = no pre_logits layer / no register tokens; other integer fields >= 1.
-_MODEL_INT_MINIMUM = {"representation_size": 0, "num_registers": 0}
+# 0 = no pre_logits layer / no register tokens / no stem; other integer fields >= 1.
+_MODEL_INT_MINIMUM = {"representation_size": 0, "num_registers": 0, "stem_features": 0}
 
 
 def _get(config, dotted: str):

@@ -235,7 +235,7 @@ class _Matcher:
     self.used.add(name)
     value = self.src.arrays[name]
     file_shape, model_shape = _shape(value), _shape(self.target[name])
-    if name == _EMBEDDING and file_shape != model_shape:
+    if name == _EMBEDDING and file_shape != model_shape and len(model_shape) == 4:
       value = self._adapt_channels(value, model_shape)
     if _shape(value) != model_shape:
       self.errors.append(f"shape mismatch: {name}: file {file_shape} vs model {model_shape}")

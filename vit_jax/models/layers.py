@@ -259,3 +259,35 @@ class MAPHead(nn.Module):
                    name="MlpBlock_0")
     y_Bx1xD = y_Bx1xD + mlp(layer_norm("LayerNorm_0", self.dtype, cpu)(y_Bx1xD), False)
     return y_Bx1xD[:, 0]
+
+
+class ConvStem(nn.Module):
+  """3x3 convolution (SAME, stride 1) + GELU at full resolution, returned patch by patch.
+
+  Output: B x N x (P*P*F), each patch's P x P pixels of F features in row-major order, which
+  the patch embedding (a Dense named `embedding`) maps to tokens: together the same as a
+  P x P, stride-P convolution over the feature map. Computed as one matmul over 3x3
+  neighbourhoods gathered in patch order, not as XLA convolutions: on CPU the strided
+  convolution's input gradient made the stem several times dearer (docs/performance.md).
+  """
+  features: int
+  patch_size: int
+  gelu_approximate: bool
+  dtype: Dtype
+  cpu: bool
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: Array) -> Array:
+    b, h, w, c = x_BxHxWxC.shape
+    p, gh, gw = self.patch_size, h // self.patch_size, w // self.patch_size
+    kernel_3x3xCxF = self.param("kernel", nn.initializers.lecun_normal(),
+                                (3, 3, c, self.features), jnp.float32)
+    bias_F = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    padded = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # Tap (i, j) of every pixel, the pixels grouped by patch: B x gh x gw x P x P x C.
+    taps = [padded[:, i:i + h, j:j + w].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+            for i in range(3) for j in range(3)]
+    neighbourhoods_BxGxGxPxPx9C = jnp.concatenate(taps, axis=-1)
+    y = neighbourhoods_BxGxGxPxPx9C @ kernel_3x3xCxF.reshape(9 * c, -1).astype(self.dtype)
+    y = gelu(y + bias_F.astype(self.dtype), self.gelu_approximate, self.cpu)
+    return y.reshape(b, gh * gw, p * p * self.features)

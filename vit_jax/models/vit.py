@@ -7,7 +7,9 @@ Parameter names and shapes are those of the published ViT checkpoints
 key for key. Child names are given explicitly wherever a checkpoint depends on the path.
 The variants add big_vision's names: `posemb="sincos2d"` computes its table (no
 `posembed_input`), `pool="map"` adds `MAPHead_0` (`probe`, `MultiHeadDotProductAttention_0`,
-`LayerNorm_0`, `MlpBlock_0`), `num_registers=R` adds `registers` (1 x R x D).
+`LayerNorm_0`, `MlpBlock_0`), `num_registers=R` adds `registers` (1 x R x D). Ours:
+`stem_features=F` adds `stem` (a 3 x 3 x C x F kernel and its bias) and makes `embedding`
+a Dense over each patch's features ((P*P*F) x D).
 
 The model takes images that are already normalised (`vit_jax.data.augment.eval_preprocess`)
 and returns float32 logits:
@@ -184,6 +186,10 @@ class VisionTransformer(nn.Module):
   num_heads: int
   mlp_dim: int
   head_dim: int | None = None  # Attention width per head; None = width // num_heads.
+  # Channels of a 3x3 convolution + GELU (`stem`) before the patch embedding, which is then
+  # a Dense over each patch's P*P*F features; 0: none, as the published ViT. A locality
+  # bias for training from scratch on small images (docs/fashion_mnist.md).
+  stem_features: int = 0
   class_token: bool = True
   # "token" (class token), "gap" (mean of the patch tokens), "map" (MAPHead over the patch
   # tokens), "flatten" (every token, concatenated).
@@ -218,11 +224,8 @@ class VisionTransformer(nn.Module):
     head_dim = self.head_dim or self.width // self.num_heads
     kernels = layers.resolve_kernels(self.kernels, jax.default_backend(), self.dtype, head_dim)
     cpu = kernels == "cpu"
-    x = nn.Conv(self.width, (self.patch_size, self.patch_size),
-                strides=(self.patch_size, self.patch_size), padding="VALID",
-                dtype=self.dtype, name="embedding")(images_BxHxWxC.astype(self.dtype))
-    b, gh, gw, d = x.shape
-    x_BxNxD = x.reshape(b, gh * gw, d)
+    x_BxNxD, gh, gw = self._embed(images_BxHxWxC.astype(self.dtype), cpu)
+    b, _, d = x_BxNxD.shape
     if self.posemb == "sincos2d":  # Before the class token, which gets none (big_vision).
       x_BxNxD = x_BxNxD + jnp.asarray(posemb_sincos2d(gh, gw, d), x_BxNxD.dtype)
     if self.class_token:
@@ -259,6 +262,19 @@ class VisionTransformer(nn.Module):
       return logits_BxK, {"pre_logits": x_BxF.astype(jnp.float32),
                           "attention_weights": weights}
     return logits_BxK
+
+  def _embed(self, x_BxHxWxC: Array, cpu: bool) -> tuple[Array, int, int]:
+    """Patch tokens B x N x D, and the patch grid's height and width."""
+    gh, gw = x_BxHxWxC.shape[1] // self.patch_size, x_BxHxWxC.shape[2] // self.patch_size
+    if self.stem_features:
+      x_BxNxE = layers.ConvStem(self.stem_features, self.patch_size, self.gelu_approximate,
+                                self.dtype, cpu, name="stem")(x_BxHxWxC)
+      return layers.dense(self.width, cpu=cpu, dtype=self.dtype,
+                          name="embedding")(x_BxNxE), gh, gw
+    x_BxGxGxD = nn.Conv(self.width, (self.patch_size, self.patch_size),
+                        strides=(self.patch_size, self.patch_size), padding="VALID",
+                        dtype=self.dtype, name="embedding")(x_BxHxWxC)
+    return x_BxGxGxD.reshape(x_BxGxGxD.shape[0], gh * gw, self.width), gh, gw
 
   def _check(self, shape_BHWC: tuple[int, ...]) -> None:
     _, h, w, _ = shape_BHWC

@@ -159,7 +159,7 @@ def _layer_ids(names: list[str], ndim: int, num_layers: int) -> int | np.ndarray
 
   A scanned stack gets one id per slice of its leading (depth) axis, shaped to broadcast.
   """
-  if names[0] in ("embedding", "cls") or names[:2] == ["Transformer", "posembed_input"]:
+  if names[0] in ("stem", "embedding", "cls") or names[:2] == ["Transformer", "posembed_input"]:
     return 0
   if _is_head(names) or names[:2] == ["Transformer", "encoder_norm"]:
     return num_layers + 1
