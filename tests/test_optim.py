@@ -337,7 +337,7 @@ def test_backbone_lr_mult_scales_backbone_updates():
 
 
 LAYER_SCALES = {  # layer_decay 0.5, two blocks: scale = 0.5 ** (3 - layer_id).
-    "embedding": 0.125, "cls": 0.125, "Transformer/posembed_input": 0.125,
+    "stem": 0.125, "embedding": 0.125, "cls": 0.125, "Transformer/posembed_input": 0.125,
     "Transformer/encoderblock_0": 0.25, "Transformer/encoderblock_1": 0.5,
     "Transformer/encoder_norm": 1.0, "head_hidden_0": 1.0, "pre_logits": 1.0, "head": 1.0,
 }
@@ -354,9 +354,11 @@ def test_layer_decay_multipliers(backbone_lr_mult):
   config.layer_decay = 0.5
   config.backbone_lr_mult = backbone_lr_mult
   params = vit_params(depth=2)
+  params["stem"] = {"kernel": np.ones((3, 3, 3, 4), np.float32),  # stem_features=4.
+                    "bias": np.ones((4,), np.float32)}
   grads = jax.tree_util.tree_map(np.ones_like, params)
   updates = flat(one_update(config, params, grads))
-  assert len(updates) == 44
+  assert len(updates) == 46
   for name, update in updates.items():
     head = name.split("/")[0] in ("head", "pre_logits", "head_hidden_0")
     backbone = 1.0 if head else backbone_lr_mult

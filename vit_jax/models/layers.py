@@ -268,7 +268,7 @@ class ConvStem(nn.Module):
   the patch embedding (a Dense named `embedding`) maps to tokens: together the same as a
   P x P, stride-P convolution over the feature map. Computed as one matmul over 3x3
   neighbourhoods gathered in patch order, not as XLA convolutions: on CPU the strided
-  convolution's input gradient made the stem several times dearer (docs/performance.md).
+  convolution's input gradient made the stem about twice as dear (docs/performance.md).
   """
   features: int
   patch_size: int
