@@ -5,18 +5,20 @@ The real dataset we can measure on offline: TFDS builds it from the official fil
   python main.py --config=configs/fashion_mnist.py --workdir=workdirs/fmnist \
       --config.manual_dir=../shared/data/fashion_mnist
 
-  Expected: 89.3% top-1, 99.7% top-5 on the 10,000 test images (measured 2026-11-30,
-  seed 0: 89.33% / 99.74%, the same to the digit on an idle and a loaded machine; seed 1:
-  88.93% / 99.78%). Time:
-  2,344 steps of 256; 10 min 33 s on an idle 2-core AMD EPYC (about 1,100 img/s), the
-  dataset build (30 s) and five evaluations included.
+  Expected: 89.8% top-1, 99.9% top-5 on the 10,000 test images (measured 2026-11-30,
+  seed 0: 89.83% / 99.88%, the same to the digit on an idle and a loaded machine; seed 1:
+  89.79% / 99.88%). Time: 2,578 steps of 256; 13 min 22 s on an idle 2-core AMD EPYC
+  (about 930 img/s), the dataset build (30 s) and six evaluations included.
 
-A 4-block, 128-wide ViT on 4x4 patches of 7x7 pixels plus a class token (0.54M params),
-horizontal flips, AdamW lr 2e-3 with warmup and cosine decay, 10 epochs of batch 256.
+A 4-block, 128-wide ViT on 4x4 patches of 7x7 pixels plus a class token, after a 3x3
+convolution of 8 channels + GELU at full resolution (`stem_features=8`; 0.58M params),
+horizontal flips, AdamW lr 2e-3 with warmup and cosine decay, 11 epochs of batch 256.
 7x7-pixel patches (16 tokens) learn as much per epoch here as 4x4 ones (49 tokens) at 2.8x
-the images/s. In 10 epochs this model underfits, so the random crop and label smoothing
-are left out: 89.33% without them, 87.55% with both. What was tried and what it changed:
-docs/fashion_mnist.md.
+the images/s. The stem gives the patches local features for about 15% of the images/s:
++0.5 point (89.33% and 88.93% without it, 10 epochs; 14 epochs without it gave no more). In
+this budget the model underfits, so the random crop and label smoothing are left out
+(87.55% with both, 89.33% without, no stem). What was tried and what it changed:
+docs/fashion_mnist.md. 90% in this budget is not reached yet.
 
 `:keras`, the Keras origin at the budget of the Keras example's own run on this data
 (../shared/peers/README.md): `configs/cifar100.py:keras` (the example's model, augmentation
@@ -56,9 +58,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.overrides.num_heads = 4
   config.model.overrides.mlp_dim = 256
   config.model.overrides.patch_size = 7  # 16 tokens: 2.8x the images/s of 4x4 patches.
+  config.model.overrides.stem_features = 8  # +0.5 point for about 15% of the images/s.
   config.aug.normalize = "dataset"
   config.aug.flip = True
-  # No random crop, no label smoothing: in 10 epochs this model underfits, and both slowed
+  # No random crop, no label smoothing: in 10 epochs the model underfits, and both slowed
   # its learning (87.55% with both, 88.70% without the crop, 89.33% without either).
   config.aug.crop = "none"
   config.label_smoothing = 0.0
@@ -68,7 +71,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 200
   config.optim.grad_clip_norm = 1.0
   config.batch_size = 256
-  config.num_epochs = 10.0
+  config.num_epochs = 11.0
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500

@@ -420,7 +420,8 @@ def test_fine_tuning_an_rgb_checkpoint_on_fashion_mnist_runs(fashion_mnist_dirs,
   config.manual_dir, config.data_dir = fashion_mnist_dirs
   config.train_split, config.eval_split = "train[:256]", "test[:64]"
   config.model.overrides.update(dict(width=16, depth=2, num_heads=2, mlp_dim=32,
-                                     patch_size=4))  # The checkpoint's patches.
+                                     patch_size=4,  # The checkpoint's patches.
+                                     stem_features=0))  # The recipe's stem: not in the file.
   config.batch_size = config.eval_batch_size = 64
   config.total_steps, config.optim.warmup_steps = 3, 1
   config.init_from = str(path)

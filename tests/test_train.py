@@ -64,13 +64,13 @@ def test_training_learns_fashion_mnist(fashion_mnist_dirs, tmp_path):
   config.train_split, config.eval_split = "train[:12800]", "test[:1000]"
   config.model.overrides.update(dict(width=48, depth=2, num_heads=3, mlp_dim=96, patch_size=4))
   config.batch_size, config.eval_batch_size = 64, 96  # 1000 = 10 x 96 + 40: padding.
-  config.total_steps, config.log_every_steps, config.eval_every_steps = 200, 50, 100
+  config.total_steps, config.log_every_steps, config.eval_every_steps = 200, 10, 100
   config.optim.warmup_steps = 20
   config.aug.crop, config.aug.flip, config.label_smoothing = "none", False, 0.0
   final = train.train_and_evaluate(config, str(tmp_path))
   rows = [r for r in metric_rows(tmp_path) if "train/loss" in r]
   assert rows[0]["train/loss"] > 2.0 and rows[-1]["train/loss"] < 1.3
-  assert final["eval/top1"] > 0.55  # Chance is 0.10; this run reaches about 0.63.
+  assert final["eval/top1"] > 0.55  # Chance is 0.10; this run (the recipe's stem) reaches 0.68.
   assert final["eval/num_examples"] == 1000  # Every example once, the last batch padded.
 
 
