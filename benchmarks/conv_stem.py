@@ -16,25 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import layers
+from vit_jax.tools import bench
 
 _DN = ("NHWC", "HWIO", "NHWC")
-
-
-def _median_ms(step, params, images, reps: int) -> float:
-  jax.block_until_ready(step(params, images))  # Compile and warm up.
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(step(params, images))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e3)
 
 
 def run(batch: int, image_size: int, channels: int, patch: int, features: int, width: int,
@@ -59,7 +49,9 @@ def run(batch: int, image_size: int, channels: int, patch: int, features: int, w
   result = {}
   for name, forward in (("xla_conv", xla_conv), ("vit_jax", ours)):
     step = jax.jit(jax.value_and_grad(lambda p, x, f=forward: jnp.sum(f(p, x) ** 2)))
-    result[f"{name}_ms"] = _median_ms(step, params, images, reps)
+    times = bench.time_calls(lambda _, s=step: jax.block_until_ready(s(params, images)),
+                             warmup=1, n=reps)  # The warm-up call compiles.
+    result[f"{name}_ms"] = float(np.median(times) * 1e3)
   result["speedup"] = result["xla_conv_ms"] / result["vit_jax_ms"]
   result["max_abs_diff"] = float(jnp.abs(ours(params, images) - xla_conv(params, images)).max())
   return result

@@ -51,7 +51,7 @@ _SYNTHETIC_MEAN, _SYNTHETIC_STD = 127.5, 73.9
 # --- Timing ------------------------------------------------------------------------------
 
 
-def _time_calls(call: Callable[[int], Any], warmup: int, n: int) -> list[float]:
+def time_calls(call: Callable[[int], Any], warmup: int, n: int) -> list[float]:
   """Seconds of each of `n` calls after `warmup` calls; `call(i)` must synchronise."""
   for i in range(warmup):
     call(i)
@@ -142,13 +142,13 @@ def _time_steps(built: dict[str, Any], opts) -> tuple[list[float], list[float], 
     losses.append(float(m["loss"]))  # Reads the loss back, as the peers do.
     holder["state"] = jax.block_until_ready(new_state)
 
-  train_times = _time_calls(train_call, opts.warmup_steps, opts.steps)
+  train_times = time_calls(train_call, opts.warmup_steps, opts.steps)
   params = holder["state"].params
 
   def eval_call(i: int) -> None:
     jax.block_until_ready(built["eval"](params, eval_batches[i % len(eval_batches)]))
 
-  return train_times, _time_calls(eval_call, 1, opts.eval_steps), losses[-1]
+  return train_times, time_calls(eval_call, 1, opts.eval_steps), losses[-1]
 
 
 def _flops_and_peak(config, built: dict[str, Any]) -> dict[str, Any]:
