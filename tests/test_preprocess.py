@@ -249,8 +249,10 @@ def test_crops_written_into_out_equal_the_returned_crops(channels):
   for seed in (0, 1):  # Seed 1 flips, seed 0 does not: both paths write into the row.
     crop = preprocess.train_crop(data, np.random.default_rng(seed), size=24, scale=(0.3, 1),
                                  flip=True, channels=channels, name="p.jpg")
-    preprocess.train_crop(data, np.random.default_rng(seed), size=24, scale=(0.3, 1),
-                          flip=True, channels=channels, name="p.jpg", out=batch[seed])
+    written = preprocess.train_crop(data, np.random.default_rng(seed), size=24,
+                                    scale=(0.3, 1), flip=True, channels=channels,
+                                    name="p.jpg", out=batch[seed])
+    assert np.shares_memory(written, batch[seed])  # The row itself is returned.
     np.testing.assert_array_equal(batch[seed], crop)
   preprocess.eval_crop(data, size=24, crop_fraction=0.875, channels=channels, name="p.jpg",
                        out=batch[2])
