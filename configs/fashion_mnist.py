@@ -20,6 +20,21 @@ this budget the model underfits, so the random crop and label smoothing are left
 (87.55% with both, 89.33% without, no stem). What was tried and what it changed:
 docs/fashion_mnist.md. 90% in this budget is not reached yet.
 
+`:best`, the long recipe, for an accelerator: configs/cifar100.py's ViT-Ti/4 (192 wide, 12
+blocks, 3 heads; 4x4-pixel patches: 49 tokens and a class token) after a 3x3 stem of 16
+channels (5.4M params), a 2-pixel pad-crop and flips, label smoothing 0.1, AdamW lr 1e-3
+(weight decay 0.05), 5 warmup epochs then cosine, 75 epochs of batch 256.
+
+  python main.py --config=configs/fashion_mnist.py:best --workdir=workdirs/fmnist_best \
+      --config.manual_dir=../shared/data/fashion_mnist --config.compute_dtype=bfloat16
+
+  Measured (2026-11-30, one H200, jax 0.11.2, bfloat16, seeds 0 and 1 side by side on the
+  one GPU): 92.51% / 99.80% (seed 0), 92.84% / 99.66% (seed 1); 4 min 41 s for the two
+  runs together, compiles and five evaluations each included. 93% is not reached yet: top-1
+  still rose over the last 15 epochs (92.07% / 92.61% at 60). With the CIFAR-100 recipe's
+  random erasing 0.25 and stochastic depth 0.1 as well: 92.19% / 92.20%. On the 2-core
+  CPU: days (bench mode: 17.6 img/s with two training runs beside it, for 4.5M images).
+
 `:keras`, the Keras origin at the budget of the Keras example's own run on this data
 (../shared/peers/README.md): `configs/cifar100.py:keras` (the example's model, augmentation
 and AdamW, faithfully) on the first 10,240 training images, of which the last 1,024
@@ -44,9 +59,11 @@ from vit_jax.configs import cifar100
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg == "keras":
     return _keras_budget()
+  if arg == "best":
+    return _best()
   if arg:
-    raise ValueError(f"Unknown argument {arg!r} for configs/fashion_mnist.py: use '' or "
-                     "'keras'.")
+    raise ValueError(f"Unknown argument {arg!r} for configs/fashion_mnist.py: use '', "
+                     "'best' or 'keras'.")
   config = get_base_config()
   config.dataset = "fashion_mnist"
   config.train_split = "train"
@@ -89,4 +106,28 @@ def _keras_budget() -> ml_collections.ConfigDict:
   config.log_every_steps = 12
   config.eval_every_steps = 36  # Once per epoch, as Keras's ModelCheckpoint.
   config.checkpoint_every_steps = 36
+  return config
+
+
+def _best() -> ml_collections.ConfigDict:
+  """configs/cifar100.py's ViT-Ti/4 with a 16-channel stem and light augmentation."""
+  config = cifar100.get_config()
+  config.dataset = "fashion_mnist"
+  config.train_split = "train"
+  config.eval_split = "test"
+  config.image_size = 28
+  config.model.overrides.stem_features = 16
+  # With random erasing 0.25 and stochastic depth 0.1 as well, the training loss stayed
+  # far above the test loss (0.65 against 0.29) and top-1 was 0.3-0.6 point lower.
+  config.model.overrides.stochastic_depth_rate = 0.0
+  config.aug.crop_padding = 2
+  config.aug.randaugment_layers = 0
+  config.aug.mixup_alpha = 0.0
+  config.aug.cutmix_alpha = 0.0
+  config.aug.random_erasing = 0.0
+  config.optim.warmup_epochs = 5.0
+  config.num_epochs = 75.0
+  config.log_every_steps = 100
+  config.eval_every_steps = 3515  # Every 15 epochs.
+  config.checkpoint_every_steps = 3515
   return config

@@ -582,6 +582,7 @@ def test_shipped_configs_are_valid():
   from vit_jax.configs import cifar100, fashion_mnist, finetune
   for config in (base_config(), cifar100.get_config(), cifar100.get_config("keras"),
                  fashion_mnist.get_config(), fashion_mnist.get_config("keras"),
+                 fashion_mnist.get_config("best"),
                  finetune.get_config("dataset=cifar100,model=ViT-B/16,init=/c/B_16.npz")):
     config_lib.validate(config)
 
@@ -703,8 +704,8 @@ def _recipes() -> str:
      "--helpshort lists them)."),
     (["--config=fashion_mnist:big", "--workdir={t}/w"],
      f"flag --config={REPO}/configs/fashion_mnist.py:big: Error whilst parsing config "
-     "file: ValueError: Unknown argument 'big' for configs/fashion_mnist.py: use '' or "
-     "'keras'."),
+     "file: ValueError: Unknown argument 'big' for configs/fashion_mnist.py: use '', "
+     "'best' or 'keras'."),
     (["--config=fashion_mnist", "--workdir={t}/a_file"],
      "Workdir {t}/a_file is a file, not a folder: pass a folder (a new one is created) as "
      "--workdir."),
