@@ -3,6 +3,8 @@ import io
 import json
 import multiprocessing
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -226,6 +228,56 @@ def test_tfds_random_access_source(tmp_path, monkeypatch, mesh):
     assert mean.shape == (3,) and np.all(std > 0)
     with data.train_iterator(source, batch_size=8, seed=0, mesh=mesh) as batches:
       assert next(batches)["image"].shape == (8, 16, 16, 3)
+
+
+class TinyGreys(tfds.core.GeneratorBasedBuilder):
+  """12 greyscale 4x4 images: image i has every pixel 20 * i and label i % 3."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(4, 4, 1)),
+            "label": tfds.features.ClassLabel(names=["a", "b", "c"])}),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(12):
+      yield i, {"image": np.full((4, 4, 1), 20 * i, np.uint8), "label": i % 3}
+
+
+# What a machine without TensorFlow runs (e.g. a GPU image with only jax): every import of
+# tensorflow fails, and the builder class is not defined, so TFDS must read it from files.
+_READ_WITHOUT_TENSORFLOW = """
+import importlib.abc, json, sys
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+      raise ImportError("no TensorFlow on this machine")
+sys.meta_path.insert(0, NoTensorFlow())
+from vit_jax import config as config_lib, data
+config = config_lib.get_base_config()
+config.dataset, config.data_dir = "tiny_greys", sys.argv[1]
+source = data.load_source(config, "train")
+print(json.dumps(dict(pixels=source.images[:, 0, 0, 0].tolist(), labels=source.labels.tolist(),
+                      classes=source.class_names, shape=source.image_shape,
+                      tensorflow="tensorflow" in sys.modules)))
+"""
+
+
+def test_array_record_dataset_is_read_without_tensorflow(tmp_path):
+  TinyGreys(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+  result = subprocess.run([sys.executable, "-c", _READ_WITHOUT_TENSORFLOW, str(tmp_path)],
+                          capture_output=True, text=True, check=False, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  read = json.loads(result.stdout.strip().splitlines()[-1])
+  # TFDS stores the examples in an order of its own (hashes of their keys).
+  examples = sorted(zip(read.pop("pixels"), read.pop("labels")))
+  assert examples == [(20 * i, i % 3) for i in range(12)]
+  assert read == dict(classes=["a", "b", "c"], shape=[4, 4, 1], tensorflow=False)
 
 
 # --- Image folders ---------------------------------------------------------------------------
