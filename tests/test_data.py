@@ -268,10 +268,13 @@ print(json.dumps(dict(pixels=source.images[:, 0, 0, 0].tolist(), labels=source.l
 """
 
 
-def test_array_record_dataset_is_read_without_tensorflow(tmp_path):
-  TinyGreys(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+def test_array_record_dataset_is_read_without_tensorflow(tmp_path, no_network):
+  TinyGreys(data_dir=str(tmp_path)).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+      file_format="array_record")
   result = subprocess.run([sys.executable, "-c", _READ_WITHOUT_TENSORFLOW, str(tmp_path)],
-                          capture_output=True, text=True, check=False, timeout=300)
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          check=False, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   read = json.loads(result.stdout.strip().splitlines()[-1])
   # TFDS stores the examples in an order of its own (hashes of their keys).
