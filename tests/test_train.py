@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +216,24 @@ def test_cpu_steps_compile_with_the_measured_xla_options_where_jaxlib_knows_them
   assert in_ynnpack(jnp.matmul, x, w)
   assert not in_ynnpack(jnp.matmul, x, w, compiler_options=steps.compiler_options())
   assert in_ynnpack(lambda x: jnp.sum(x * x, 1), x, compiler_options=steps.compiler_options())
+
+
+def test_images_per_sec_leaves_out_an_evaluation_between_two_rows(monkeypatch):
+  from vit_jax.train import loop
+  clock = [100.0]
+  monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+  def steps_taking(n: int, seconds: float) -> None:
+    metrics.unlogged += [{"step": i, "finite": True, "loss": 1.0, "grad_norm": 1.0}
+                         for i in range(n)]
+    clock[0] += seconds
+
+  metrics = loop._StepMetrics(unlogged=[], since=clock[0])
+  steps_taking(10, 5.0)
+  with metrics.untimed():  # An evaluation between two rows (eval_every not a multiple of
+    clock[0] += 20.0       # log_every): its 20 s are left out, the 10 steps before it kept.
+  steps_taking(10, 5.0)
+  assert metrics.row(step=20, lr=0.1, batch_size=4)["train/images_per_sec"] == 20 * 4 / 10.0
+  # The next row times its own steps only.
+  steps_taking(5, 1.0)
+  assert metrics.row(step=25, lr=0.1, batch_size=4)["train/images_per_sec"] == 5 * 4 / 1.0

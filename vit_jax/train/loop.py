@@ -14,6 +14,7 @@ Faults:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -122,6 +123,7 @@ class _StepMetrics:
   unlogged: list[dict]
   on_device: list[tuple[int, dict]] = dataclasses.field(default_factory=list)
   since: float = dataclasses.field(default_factory=time.time)  # Start of the timed stretch.
+  paused: float = 0.0  # Seconds of the stretch spent evaluating and checkpointing.
 
   def fetch(self) -> list[int]:
     """Moves the device metrics to `unlogged`; returns the non-finite steps among them."""
@@ -143,7 +145,7 @@ class _StepMetrics:
         "train/grad_norm": _mean([u["grad_norm"] for u in finite]),
         "train/lr": lr,
         "train/images_per_sec": (len(self.unlogged) * batch_size
-                                 / max(time.time() - self.since, 1e-9)),
+                                 / max(time.time() - self.since - self.paused, 1e-9)),
     }
     skipped = [u["step"] for u in self.unlogged if not u["finite"]]
     if skipped:
@@ -152,7 +154,18 @@ class _StepMetrics:
       print(f"WARNING: skipped {len(skipped)} step(s) with a non-finite loss or gradient "
             f"(steps {listed}).", flush=True)
     self.unlogged = []
+    self.since, self.paused = time.time(), 0.0
     return scalars
+
+  @contextlib.contextmanager
+  def untimed(self):
+    """Leaves what runs inside (an evaluation, a checkpoint) out of the images/s, also when
+    it falls between two rows: the steps before it keep their time."""
+    start = time.time()
+    try:
+      yield
+    finally:
+      self.paused += time.time() - start
 
 
 @dataclasses.dataclass
@@ -257,16 +270,16 @@ def _loop(run: _Run, state, train_step, batches, step: int):
         scalars = run.metrics.row(step, float(schedule(step - 1)), config.batch_size)
         run.writer.write(step, scalars)
         progress.update(step, scalars)
-        run.metrics.since = time.time()
       if step % config.eval_every_steps == 0 or is_last:
-        _check_finite(run)
-        best_value = _evaluate_and_keep_best(run, state, step, batches, best_value, progress)
-        run.metrics.since = time.time()
+        _check_finite(run)  # Waits for the steps so far: their time stays timed.
+        with run.metrics.untimed():
+          best_value = _evaluate_and_keep_best(run, state, step, batches, best_value,
+                                               progress)
       if step % config.checkpoint_every_steps == 0 or is_last or stopping:
         _check_finite(run)
-        run.store.save(step, state, batches.get_state(), {"unlogged": run.metrics.unlogged})
+        with run.metrics.untimed():
+          run.store.save(step, state, batches.get_state(), {"unlogged": run.metrics.unlogged})
         run.last_saved = step
-        run.metrics.since = time.time()
       if stopping:
         raise _preempted(run, stop.received, step)
   finally:
