@@ -68,6 +68,10 @@ def _augmentation(config: ml_collections.ConfigDict) -> None:
   # image (the published ViT fine-tuning), 0.875 the usual ImageNet centre crop (timm's
   # crop_pct) that shows objects at the scale inception crops trained on.
   config.aug.eval_crop_fraction = 1.0
+  # Test-time augmentation: evaluation and prediction average the logits of each image and
+  # of its mirror image (timm's --tta 2 in spirit; twice the evaluation's compute). For
+  # models trained with `flip`, to which both views are alike.
+  config.aug.eval_flip = False
   config.aug.flip = False  # Random horizontal flip.
   config.aug.rotate = 0.0  # Max rotation as a fraction of a full turn (Keras RandomRotation).
   config.aug.zoom = 0.0  # Max zoom in/out (Keras RandomZoom height/width factor).
@@ -288,7 +292,7 @@ _REALS = {
     "aug.random_erasing": (0, True, 1, True),
     "aug.eval_crop_fraction": (0, False, 1, True),
 }
-_BOOLS = ("aug.flip", "optim.decay_kernels_only", "fsdp", "remat", "scan_layers",
+_BOOLS = ("aug.flip", "aug.eval_flip", "optim.decay_kernels_only", "fsdp", "remat", "scan_layers",
           "freeze_backbone")
 _STRINGS = ("dataset", "train_split", "eval_split", "model.name", "init_cache_dir")
 _OPTIONAL_STRINGS = ("data_dir", "manual_dir", "val_split", "init_from")

@@ -5,9 +5,9 @@ r"""Top-5 predictions for image files, from nothing but a training workdir.
 Each file goes through the evaluation pipeline: decoded with PIL as image folders are
 (`vit_jax.data.decode`), converted to the channels the model was trained on (run.json
 `image_shape`: L for 1, RGB for 3), resized on the host to the stored size, then
-`augment.eval_preprocess` and the model, in batches under one jitted program. Files that
-cannot be read are reported by name and skipped; the command fails only when none could be
-read.
+`augment.eval_preprocess` and the model (its logits averaged with the mirror image's when
+the run set config.aug.eval_flip), in batches under one jitted program. Files that cannot
+be read are reported by name and skipped; the command fails only when none could be read.
 
 Public API:
   predict_files(workdir, images, which="best", fmt="table") -> list of result dicts
@@ -31,7 +31,7 @@ import numpy as np
 
 from vit_jax import data, errors, paths
 from vit_jax.data import augment, decode, preprocess
-from vit_jax.train import workdir as workdir_lib
+from vit_jax.train import steps, workdir as workdir_lib
 
 TOP_K = 5
 
@@ -97,15 +97,17 @@ def make_forward(trained: workdir_lib.Trained, attention: bool = False) -> Calla
   config, model = data.for_device(trained.config, trained.host_crops), trained.model
   mean_C = jnp.asarray(trained.mean_C, jnp.float32)
   std_C = jnp.asarray(trained.std_C, jnp.float32)
+  # Runs from before config.aug.eval_flip have no such key: single view, as they ran.
+  flip_average = config.aug.get("eval_flip", False)
 
   def forward(params, images_BxHxWxC: jax.Array):
     x_BxSxSxC = augment.eval_preprocess(images_BxHxWxC, config.aug,
                                         image_size=config.image_size, mean_C=mean_C,
                                         std_C=std_C)
     if not attention:
-      return jax.nn.softmax(model.apply({"params": params}, x_BxSxSxC, train=False))
-    logits_BxK, extra = model.apply({"params": params}, x_BxSxSxC, train=False,
-                                    return_intermediates=True)
+      return jax.nn.softmax(steps.eval_logits(model, params, x_BxSxSxC, flip_average))
+    logits_BxK, extra = steps.eval_logits(model, params, x_BxSxSxC, flip_average,
+                                          return_intermediates=True)
     return jax.nn.softmax(logits_BxK), extra["attention_weights"]
 
   return jax.jit(forward)

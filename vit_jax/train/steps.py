@@ -143,12 +143,32 @@ def make_eval_step(config: ml_collections.ConfigDict, model: models.VisionTransf
     images_BxSxSxC = augment.eval_preprocess(batch["image"], config.aug,
                                              image_size=config.image_size,
                                              mean_C=mean_C, std_C=std_C)
-    logits_BxK = model.apply({"params": params}, images_BxSxSxC, train=False)
+    logits_BxK = eval_logits(model, params, images_BxSxSxC, config.aug.eval_flip)
     return metrics.eval_sums(logits_BxK, batch["label"], batch["mask"])
 
   return jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh),
                  compiler_options=compiler_options())
+
+
+def eval_logits(model: models.VisionTransformer, params, images_BxSxSxC: jax.Array,
+                flip_average: bool, return_intermediates: bool = False):
+  """The model's logits of preprocessed images; with `flip_average` (config.aug.eval_flip)
+  the mean of the logits of each image and of its mirror image.
+
+  With `return_intermediates`: (logits, extra), the extra outputs (attention maps) of the
+  images as given.
+  """
+  out = model.apply({"params": params}, images_BxSxSxC, train=False,
+                    return_intermediates=return_intermediates)
+  if not flip_average:
+    return out
+  # Two passes rather than one over both views concatenated: the batch stays sharded as
+  # it came, with no resharding across devices.
+  mirrored_BxK = model.apply({"params": params}, images_BxSxSxC[:, :, ::-1], train=False)
+  if return_intermediates:
+    return (out[0] + mirrored_BxK) / 2, out[1]
+  return (out + mirrored_BxK) / 2
 
 
 def run_eval(eval_step, params, batches) -> dict:
