@@ -1,5 +1,6 @@
 """Prediction from a workdir: a tiny ViT trained on a task whose answers are certain
 (images of one solid colour plus noise, one class per colour), then files of every kind."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -166,3 +167,32 @@ def test_channels_follow_the_trained_model(tmp_path):
   rgb_of_grey = predict.read_image(str(tmp_path / "grey.png"), (4, 4, 3))
   assert rgb_of_grey.shape == (4, 4, 3) and np.all(rgb_of_grey == 77)
   assert np.all(predict.read_image(str(tmp_path / "rgb.png"), (3, 3, 3)) == rgb)
+
+
+def test_eval_flip_of_the_run_predicts_an_image_and_its_mirror_alike(colour_run):
+  workdir, _ = colour_run
+  trained = workdir_lib.load_trained(workdir)
+  assert trained.config.aug.eval_flip is False
+  # Half one colour, half another: its mirror is another image to the model.
+  images = np.zeros((4, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+  for i, (left, right) in enumerate([("red", "blue"), ("white", "green"),
+                                     ("yellow", "black"), ("blue", "white")]):
+    images[i, :, :IMAGE_SIZE // 2], images[i, :, IMAGE_SIZE // 2:] = COLOURS[left], COLOURS[right]
+  mirrored = images[:, :, ::-1]
+
+  def probs(config):
+    run = dataclasses.replace(trained, config=config)
+    return [predict.run_batched(predict.make_forward(run), run.params, x, 4)
+            for x in (images, mirrored)]
+
+  single, single_mirrored = probs(trained.config)
+  assert np.abs(single - single_mirrored).max() > 1e-3
+  flip_config = trained.config.copy_and_resolve_references()
+  flip_config.aug.eval_flip = True
+  both, both_mirrored = probs(flip_config)
+  np.testing.assert_allclose(both, both_mirrored, rtol=1e-5, atol=1e-6)
+  assert np.abs(both - single).max() > 1e-3
+  # A run from before the key: its config.json has no aug.eval_flip; one view, as it ran.
+  old_config = trained.config.copy_and_resolve_references()
+  del old_config.aug["eval_flip"]
+  np.testing.assert_array_equal(probs(old_config)[0], single)
