@@ -164,6 +164,10 @@ def test_main_bench_mode_prints_the_table_and_one_json_line(tmp_path):
   cache = tmp_path / "xla_cache"
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  # Every program cached, however fast it compiles: by default only those taking over a
+  # second are, and a small one that crosses the second under load on the rerun only
+  # would look like a cache miss.
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
   def bench_run() -> subprocess.CompletedProcess:
     out = subprocess.run(
