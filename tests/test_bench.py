@@ -12,6 +12,7 @@ import sys
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -148,6 +149,16 @@ def test_bench_run_reports_every_field(capsys, tmp_path):
   assert printed["batch_size"] == 16 and printed["model"] == "ViT-Ti/4"
   assert printed["params"] == models.count_params(
       models.create_model("ViT-Ti/4", num_classes=100, **TINY_OVERRIDES), 32)
+
+
+def test_bench_times_the_step_with_weight_ema_and_flipped_evaluation(capsys, tmp_path):
+  config = _tiny_config()
+  config.data_dir = str(tmp_path)
+  config.ema_decay, config.aug.eval_flip = 0.999, True
+  config.bench.matmul_size = 0
+  result = bench.run(config)
+  assert result["train/images_per_sec"] > 0 and result["eval/images_per_sec"] > 0
+  assert np.isfinite(result["train/final_loss"])
 
 
 def test_bench_measures_the_input_pipeline_when_the_data_is_there(capsys, fashion_mnist_dirs):

@@ -110,7 +110,8 @@ def _compile(config, shape_HWC, num_classes, mesh) -> dict[str, Any]:
                                                                  input_shape))
   tx = optim.make_optimizer(config, abstract_params)
   state, shardings = state_lib.create_state(model, tx, mesh, seed=config.seed,
-                                            image_shape_HWC=input_shape, fsdp=config.fsdp)
+                                            image_shape_HWC=input_shape, fsdp=config.fsdp,
+                                            ema=config.ema_decay > 0)
   train_step = steps.make_train_step(config, model, tx, mesh, shardings,
                                      num_classes=num_classes, mean_C=mean_C, std_C=std_C)
   eval_step = steps.make_eval_step(config, model, mesh, shardings.params,

@@ -82,7 +82,7 @@ def new_state(params, tx: optax.GradientTransformation, rng: jax.Array, *,
 
 def create_state(model: models.VisionTransformer, tx: optax.GradientTransformation,
                  mesh: Mesh, *, seed: int, image_shape_HWC: tuple[int, ...], fsdp: bool,
-                 ema: bool = False) -> tuple[TrainState, TrainState]:
+                 ema: bool) -> tuple[TrainState, TrainState]:
   """A fresh state, laid out over the mesh as it is created; and its shardings. `ema`
   adds `ema_params`, starting at the initial parameters."""
 
