@@ -192,6 +192,11 @@ def test_eval_flip_of_the_run_predicts_an_image_and_its_mirror_alike(colour_run)
   both, both_mirrored = probs(flip_config)
   np.testing.assert_allclose(both, both_mirrored, rtol=1e-5, atol=1e-6)
   assert np.abs(both - single).max() > 1e-3
+  # visualize's forward (with the attention maps) predicts as predict's does.
+  flip_run = dataclasses.replace(trained, config=flip_config)
+  with_maps, _ = predict.run_batched(predict.make_forward(flip_run, attention=True),
+                                     flip_run.params, images, 4)
+  np.testing.assert_allclose(with_maps, both, rtol=1e-5, atol=1e-6)
   # A run from before the key: its config.json has no aug.eval_flip; one view, as it ran.
   old_config = trained.config.copy_and_resolve_references()
   del old_config.aug["eval_flip"]
