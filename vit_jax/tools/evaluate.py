@@ -55,8 +55,7 @@ def evaluate_trained(trained: workdir_lib.Trained, workdir: str, which: str) -> 
                                    param_shardings, mean_C=trained.mean_C, std_C=trained.std_C)
   totals = steps.eval_totals(eval_step, trained.params, data.eval_batches(
       source, batch_size=config.eval_batch_size, mesh=mesh,
-      # Runs from before config.input have no such key: in-process, as they read then.
-      worker_count=config.get("input", {}).get("worker_count", 0)))
+      worker_count=config.input.worker_count))
   result = {**metrics.finalize_eval(totals), "step": trained.step}
   per_class = {"step": trained.step, "checkpoint": which, "split": config.eval_split,
                **result, "per_class": metrics.per_class(totals["confusion"],

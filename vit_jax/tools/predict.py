@@ -97,16 +97,14 @@ def make_forward(trained: workdir_lib.Trained, attention: bool = False) -> Calla
   config, model = data.for_device(trained.config, trained.host_crops), trained.model
   mean_C = jnp.asarray(trained.mean_C, jnp.float32)
   std_C = jnp.asarray(trained.std_C, jnp.float32)
-  # Runs from before config.aug.eval_flip have no such key: single view, as they ran.
-  flip_average = config.aug.get("eval_flip", False)
 
   def forward(params, images_BxHxWxC: jax.Array):
     x_BxSxSxC = augment.eval_preprocess(images_BxHxWxC, config.aug,
                                         image_size=config.image_size, mean_C=mean_C,
                                         std_C=std_C)
     if not attention:
-      return jax.nn.softmax(steps.eval_logits(model, params, x_BxSxSxC, flip_average))
-    logits_BxK, extra = steps.eval_logits(model, params, x_BxSxSxC, flip_average,
+      return jax.nn.softmax(steps.eval_logits(model, params, x_BxSxSxC, config.aug.eval_flip))
+    logits_BxK, extra = steps.eval_logits(model, params, x_BxSxSxC, config.aug.eval_flip,
                                           return_intermediates=True)
     return jax.nn.softmax(logits_BxK), extra["attention_weights"]
 

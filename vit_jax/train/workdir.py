@@ -111,8 +111,21 @@ def load_config_dict(workdir: str) -> dict:
   return json.loads(paths.read_text(_run_file(workdir, "config.json")))
 
 
+# Keys added to the config schema after runs had been written, with the value that reads
+# an older run's config.json as it ran.
+_ADDED_KEYS = {"input.worker_count": 0, "aug.eval_flip": False}
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(load_config_dict(workdir))
+  """The run's config as its config.json holds it, keys added since filled in."""
+  saved = load_config_dict(workdir)
+  for dotted, value in _ADDED_KEYS.items():
+    *parents, key = dotted.split(".")
+    node = saved
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node.setdefault(key, value)
+  return ml_collections.ConfigDict(saved)
 
 
 def load_run(workdir: str) -> dict:
