@@ -200,7 +200,6 @@ def test_eval_flip_of_the_run_predicts_an_image_and_its_mirror_alike(colour_run)
   np.testing.assert_allclose(with_maps, both, rtol=1e-5, atol=1e-6)
 
 
-
 def test_a_run_from_before_newer_keys_loads_as_it_ran(colour_run, tmp_path):
   workdir, _ = colour_run
   old = tmp_path / "old_run"
