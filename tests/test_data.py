@@ -249,6 +249,35 @@ class TinyGreys(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": np.full((4, 4, 1), 20 * i, np.uint8), "label": i % 3}
 
 
+def test_runs_started_together_prepare_the_dataset_once(tmp_path, no_network, monkeypatch,
+                                                        capsys):
+  real_build = TinyGreys.download_and_prepare
+
+  def slow_build(self, **kwargs):
+    time.sleep(1.0)  # Both runs ask for the dataset before either has built it.
+    real_build(self, **kwargs)
+
+  monkeypatch.setattr(TinyGreys, "download_and_prepare", slow_build)
+  config = make_config(dataset="tiny_greys", data_dir=str(tmp_path))
+  outcomes = [None, None]
+
+  def run(i):
+    try:
+      outcomes[i] = sorted(data.load_source(config, "train").images[:, 0, 0, 0].tolist())
+    except Exception as e:  # pylint: disable=broad-except
+      outcomes[i] = e
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout=120)
+  assert outcomes == [[20 * i for i in range(12)]] * 2
+  printed = capsys.readouterr().out
+  assert printed.count("Prepared tiny_greys") == 1, printed
+  assert printed.count("Waiting for another process that is preparing tiny_greys") == 1
+
+
 # What a machine without TensorFlow runs (e.g. a GPU image with only jax): every import of
 # tensorflow fails, and the builder class is not defined, so TFDS must read it from files.
 _READ_WITHOUT_TENSORFLOW = """

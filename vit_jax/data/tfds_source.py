@@ -11,12 +11,15 @@ host, in the input pipeline's workers (`PhotoSource`).
 Preparation: from `config.manual_dir` when set (the files are checked first: TFDS would
 quietly download what is missing), else by download; without network the download stops
 at once, naming the hosts that do not resolve and the files for config.manual_dir. A
-failed build leaves nothing behind in `config.data_dir`.
+failed build leaves nothing behind in `config.data_dir`. Processes of one machine that
+start at once prepare a dataset once: the first builds, the others wait for it.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
+import fcntl
+import hashlib
 import importlib.util
 import io
 import functools
@@ -24,6 +27,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -97,6 +101,42 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
   builder = _builder(config)
   if builder.is_prepared():
     return builder
+  # Runs started together on one machine (seeds, a sweep) share the data_dir: one builds,
+  # the others wait and read its copy. Unserialised, TFDS's rename of the second build
+  # fails, and that failure's clean-up would delete the first build under its run.
+  with _preparation_lock(builder):
+    builder = _builder(config)  # Read afresh: what another process prepared meanwhile.
+    if not builder.is_prepared():
+      _prepare(builder, config)
+  return builder
+
+
+@contextlib.contextmanager
+def _preparation_lock(builder: tfds.core.DatasetBuilder):
+  """Holds an exclusive lock on `builder`'s dataset among the processes of this machine.
+
+  The lock file lives in the temp folder (keyed by the dataset's path), not in data_dir:
+  a failed build leaves nothing behind there, and gs:// has no locks. Processes of a
+  multi-host run do not need it: process 0 prepares while the others wait (_prepared_once).
+  """
+  key = hashlib.sha256(os.fspath(builder.data_path).encode()).hexdigest()[:16]
+  lock_dir = Path(tempfile.gettempdir()) / "vit_jax_locks"
+  lock_dir.mkdir(exist_ok=True)
+  fd = os.open(lock_dir / f"{builder.name}-{key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"Waiting for another process that is preparing {builder.name} in "
+            f"{builder.data_path} ...", flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # Releases the lock.
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> None:
+  """Downloads (or reads from config.manual_dir) and prepares `builder`'s dataset."""
   _hide_accelerators_from_tensorflow()
   if not sys.stderr.isatty():  # tqdm's bars: in a log file, lines of escape codes.
     tfds.disable_progress_bar()
@@ -141,7 +181,6 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
   examples = sum(split.num_examples for split in builder.info.splits.values())
   print(f"Prepared {builder.name}: {examples:,} examples in {time.time() - start:.0f} s.",
         flush=True)
-  return builder
 
 
 def _resolve_host(host: str) -> None:
