@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from vit_jax import config as config_lib, data, errors, parallel
-from vit_jax.data import folders, pipeline, tfds_source
+from vit_jax.data import catalog, folders, pipeline, tfds_source
 
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -310,6 +310,18 @@ def test_array_record_dataset_is_read_without_tensorflow(tmp_path, no_network):
   examples = sorted(zip(read.pop("pixels"), read.pop("labels")))
   assert examples == [(20 * i, i % 3) for i in range(12)]
   assert read == dict(classes=["a", "b", "c"], shape=[4, 4, 1], tensorflow=False)
+
+
+def test_catalog_agrees_with_tfds(no_network):
+  """Bench mode compiles the step for the catalog's layout: it must be TFDS's own."""
+  for name in [*catalog.KNOWN_DATASETS, *catalog.KNOWN_VARIABLE_SIZE]:
+    info = tfds.builder(name).info  # The features are in the code: nothing is read.
+    image_key, label_key = tfds_source._supervised_keys(info)  # pylint: disable=protected-access
+    shape, classes = info.features[image_key].shape, info.features[label_key].num_classes
+    if name in catalog.KNOWN_DATASETS:
+      assert catalog.KNOWN_DATASETS[name] == (shape, classes), name
+    else:
+      assert None in shape and catalog.KNOWN_VARIABLE_SIZE[name] == classes, (name, shape)
 
 
 # --- Image folders ---------------------------------------------------------------------------

@@ -22,12 +22,15 @@ KNOWN_DATASETS = {
     "emnist": ((28, 28, 1), 62),
     "svhn_cropped": ((32, 32, 3), 10),
     "stl10": ((96, 96, 3), 10),
+    "eurosat": ((64, 64, 3), 10),
+    "resisc45": ((256, 256, 3), 45),
+    "places365_small": ((256, 256, 3), 365),
 }
 # Datasets of photos of varying size are cropped on the host to config.image_size.
 KNOWN_VARIABLE_SIZE = {
     "imagenet2012": 1000, "imagenet_v2": 1000, "imagenette": 10, "oxford_iiit_pet": 37,
     "oxford_flowers102": 102, "caltech101": 102, "food101": 101, "cars196": 196,
-    "dtd": 47, "eurosat": 10, "resisc45": 45, "places365_small": 365,
+    "dtd": 47,
 }
 
 
