@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from vit_jax import models
 from vit_jax.config import get_base_config
 from vit_jax.train import optim
 
@@ -378,6 +379,25 @@ def test_layer_decay_with_scanned_blocks_scales_each_depth_slice():
       np.testing.assert_allclose(update[1], -0.5, err_msg=name)
     else:
       np.testing.assert_allclose(update, -_expected_scale(name), err_msg=name)
+
+
+def test_layer_decay_covers_every_parameter_of_the_model_options():
+  """Registers with the embeddings, the MAP head with the top: every model's tree works."""
+  config = make_config(name="sgd", lr=1.0, momentum=0.0)
+  config.layer_decay = 0.5
+  model = models.create_model("ViT-Ti/4", num_classes=3, width=8, depth=2, num_heads=2,
+                              mlp_dim=8, num_registers=2, pool="map", class_token=False,
+                              stem_features=4, representation_size=8)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
+                                             train=False))["params"]
+  params = jax.tree_util.tree_map(lambda x: np.ones(x.shape, x.dtype), params)
+  updates = flat(one_update(config, params, params))
+  scales = {**LAYER_SCALES, "registers": 0.125, "MAPHead_0": 1.0}
+  assert {name.split("/")[0] for name in updates} >= {"registers", "MAPHead_0", "stem"}
+  for name, update in updates.items():
+    expected = next(s for prefix, s in scales.items() if name == prefix
+                    or name.startswith(prefix + "/"))
+    np.testing.assert_allclose(update, -expected, rtol=1e-6, err_msg=name)
 
 
 def test_layer_decay_rejects_unknown_parameter_names():

@@ -159,9 +159,13 @@ def _layer_ids(names: list[str], ndim: int, num_layers: int) -> int | np.ndarray
 
   A scanned stack gets one id per slice of its leading (depth) axis, shaped to broadcast.
   """
-  if names[0] in ("stem", "embedding", "cls") or names[:2] == ["Transformer", "posembed_input"]:
+  if (names[0] in ("stem", "embedding", "cls", "registers")
+      or names[:2] == ["Transformer", "posembed_input"]):
     return 0
-  if _is_head(names) or names[:2] == ["Transformer", "encoder_norm"]:
+  # The MAP pooling head (pool="map") reads the encoder's output: with the top, as timm
+  # groups its attn_pool.
+  if (_is_head(names) or names[0].startswith("MAPHead")
+      or names[:2] == ["Transformer", "encoder_norm"]):
     return num_layers + 1
   if names[:2] == ["Transformer", "encoderblock"]:
     return np.arange(1, num_layers + 1).reshape((num_layers,) + (1,) * (ndim - 1))
