@@ -415,6 +415,25 @@ def test_abandoned_checkpoint_reads_are_silenced_and_nothing_else(monkeypatch, c
   assert [str(w.message) for w in caught] == ["coroutine 'mine' was never awaited"]
 
 
+def test_nonfinite_advice_names_only_what_a_resume_accepts():
+  def state_structure(**optim_settings):
+    config = config_lib.get_base_config()
+    config.total_steps = 10
+    config.optim.update(optim_settings)
+    params = {"head": {"kernel": np.zeros((2, 2), np.float32)}}
+    return jax.tree_util.tree_structure(train.optim.make_optimizer(config, params).init(params))
+
+  clipped = state_structure(grad_clip_norm=1.0, lr=1e-3)
+  assert state_structure(grad_clip_norm=0.5, lr=1e-4) == clipped  # Resumable changes.
+  assert state_structure(grad_clip_norm=0.0, lr=1e-3) != clipped  # Clipping on/off: not.
+  config = config_lib.get_base_config()
+  config.optim.grad_clip_norm = 0.0
+  assert train.loop.nonfinite_advice(config) == (
+      "Lower config.optim.lr and rerun, or set config.on_nonfinite='skip' to skip such "
+      "steps. Gradient clipping (config.optim.grad_clip_norm) changes the optimiser state: "
+      "to turn it on, start over (--start_over) or use another --workdir.")
+
+
 def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_dirs, env,
                                                                   tmp_path):
   workdir = tmp_path / "run"
@@ -425,7 +444,7 @@ def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_
   assert ("ERROR: Non-finite loss or gradient at step 3: its "
           "update was not applied and the run stopped (config.on_nonfinite='stop'). The "
           f"newest checkpoint is {workdir}/checkpoints/2 (step 2); a rerun resumes from it. "
-          "Lower config.optim.lr or set config.optim.grad_clip_norm and rerun, or set "
+          "Lower config.optim.lr or config.optim.grad_clip_norm and rerun, or set "
           "config.on_nonfinite='skip' to skip such steps.\n") in out
   assert steps_on_disk(workdir) == [2] and steps_on_disk(workdir, "best") == []
   good = train_state(workdir)

@@ -300,9 +300,19 @@ def _check_finite(run: _Run) -> None:
             else "No checkpoint had been saved yet.")
     raise errors.NonFiniteLossError(
         f"Non-finite loss or gradient at step {bad[0]}: its update was not applied and "
-        f"the run stopped (config.on_nonfinite='stop'). {kept} Lower config.optim.lr or "
-        "set config.optim.grad_clip_norm and rerun, or set config.on_nonfinite='skip' to "
-        "skip such steps.")
+        f"the run stopped (config.on_nonfinite='stop'). {kept} "
+        f"{nonfinite_advice(run.config)}")
+
+
+def nonfinite_advice(config: ml_collections.ConfigDict) -> str:
+  """What a rerun may change after a non-finite step: only what keeps the train state's
+  structure (clipping is an optimiser stage of its own: turning it on needs a new run)."""
+  skip = "or set config.on_nonfinite='skip' to skip such steps."
+  if config.optim.grad_clip_norm > 0:
+    return f"Lower config.optim.lr or config.optim.grad_clip_norm and rerun, {skip}"
+  return (f"Lower config.optim.lr and rerun, {skip} Gradient clipping "
+          "(config.optim.grad_clip_norm) changes the optimiser state: to turn it on, start "
+          "over (--start_over) or use another --workdir.")
 
 
 def _evaluate_and_keep_best(run: _Run, state, step: int, batches, best_value: float | None,
