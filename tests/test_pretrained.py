@@ -261,10 +261,21 @@ def test_pre_logits_keep_and_drop(tmp_path, source):
   with_pre_logits = _init(_model(representation_size=24))
   kept, _ = pretrained.load_params(_config(path, init_pre_logits="keep"), with_pre_logits)
   np.testing.assert_array_equal(kept["pre_logits"]["kernel"], arrays["pre_logits/kernel"])
+  np.testing.assert_array_equal(kept["head"]["kernel"], arrays["head/kernel"])
   dropped, report = pretrained.load_params(_config(path), with_pre_logits)
   np.testing.assert_array_equal(dropped["pre_logits"]["kernel"],
                                 with_pre_logits["pre_logits"]["kernel"])
   assert "drop" in report.reinitialised["pre_logits/kernel"]
+  # The file's head (the class count matches) was trained on the dropped layer: a new one.
+  np.testing.assert_array_equal(dropped["head"]["kernel"], np.zeros((24, 5)))
+  assert report.reinitialised["head/kernel"] == ("the file's head reads its pre_logits "
+                                                 "layer, which is dropped: new zero head")
+  with pytest.raises(errors.CheckpointMismatchError) as error:
+    pretrained.load_params(_config(path, init_head="keep"), with_pre_logits)
+  assert str(error.value) == (
+      "config.init_head='keep' but the file's head reads its pre_logits layer, which "
+      "config.init_pre_logits='drop' drops: set config.init_pre_logits='keep' (and "
+      "config.model.overrides.representation_size=24), or init_head='reset'.")
 
 
 def _save_run(workdir, step, params, best=False):

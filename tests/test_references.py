@@ -107,7 +107,7 @@ def test_loading_a_big_vision_file_into_the_wrong_variant_says_which_setting():
                      match=r"missing from the file: Transformer/posembed_input/pos_embedding: "
                            r"a file without a position-embedding table comes from big_vision's "
                            r"posemb='sincos2d': set config.model.overrides.posemb='sincos2d'"):
-    _load("big_vision_sincos_gap", pool="gap", class_token=False)
+    _load("big_vision_sincos_gap", pool="gap", class_token=False, representation_size=16)
   with pytest.raises(errors.CheckpointMismatchError,
                      match=r"the file has a learned table, the model computes sincos2d ones: "
                            r"set config.model.overrides.posemb='learned'"):

@@ -19,8 +19,9 @@ Every source is first brought to one canonical form, our unscanned names
 then stacked again when the model uses `scan_layers=True`; reports use canonical names.
 
 Adapting to the new task (`match`):
-  * head: a new zero head (kernel and bias) when the shape differs or `init_head ==
-    "reset"`; "keep" with another class count is an error;
+  * head: a new zero head (kernel and bias) when the shape differs, when the file's head
+    reads a pre_logits layer that is dropped, or `init_head == "reset"`; "keep" with
+    another class count or a dropped pre_logits layer is an error;
   * pre_logits: dropped unless `init_pre_logits == "keep"`;
   * position embedding: the patch grid is resampled bilinearly with corners aligned
     (`scipy.ndimage.zoom(order=1)`, the convention of both published loaders, so fine-tuned
@@ -284,7 +285,16 @@ class _Matcher:
     file_kernel = self.src.arrays.get("head/kernel")
     file_shape = None if file_kernel is None else _shape(file_kernel)
     mode = self.init_head
+    # A head trained on the file's tanh pre_logits layer means nothing without it.
+    reads_dropped = ("pre_logits/kernel" in self.src.arrays
+                     and self.init_pre_logits == "drop")
     if mode == "keep":
+      if reads_dropped:
+        raise errors.CheckpointMismatchError(
+            "config.init_head='keep' but the file's head reads its pre_logits layer, which "
+            "config.init_pre_logits='drop' drops: set config.init_pre_logits='keep' (and "
+            "config.model.overrides.representation_size="
+            f"{self.src.arrays['pre_logits/kernel'].shape[-1]}), or init_head='reset'.")
       if file_shape is not None and file_shape != model_shape:
         raise errors.CheckpointMismatchError(
             f"config.init_head='keep' but the file's head/kernel is {file_shape} and the "
@@ -299,6 +309,8 @@ class _Matcher:
       reason = "no head in the file"
     elif file_shape != model_shape:
       reason = f"head shape differs (file {file_shape}, model {model_shape})"
+    elif reads_dropped:
+      reason = "the file's head reads its pre_logits layer, which is dropped"
     else:
       for name in _HEAD:
         self.load(name)
