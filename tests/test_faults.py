@@ -271,8 +271,13 @@ def test_readme_commands_with_relative_paths(fashion_mnist_dirs, env, tmp_path):
 
   # Export (the README's command) of the best and of the latest checkpoint.
   out = main("--mode=export", "--workdir=runs/pre", "--output=pre.npz")
-  assert out.stdout.splitlines()[-1] == (f"Wrote {tmp_path}/pre.npz from "
-                                         f"{tmp_path}/runs/pre/best/4.")
+  assert out.stdout.splitlines()[-2:] == [
+      f"WARNING: timm and vision_transformer will not rebuild this model from "
+      f"{tmp_path}/pre.npz: a convolutional stem (stem_features=8): neither has one; inputs "
+      "normalised with aug.normalize='dataset' (the training set's mean and std, in "
+      "run.json), where the published models take [-1, 1]. vit_jax reads it back as it is "
+      "(config.init_from).",
+      f"Wrote {tmp_path}/pre.npz from {tmp_path}/runs/pre/best/4."]
   main("--mode=export", "--workdir=runs/pre", "--output=latest.npz", "--checkpoint=latest")
   with np.load(tmp_path / "pre.npz") as best, np.load(tmp_path / "latest.npz") as latest:
     assert sorted(best) == sorted(latest) and "head/kernel" in best

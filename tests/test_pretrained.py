@@ -65,6 +65,26 @@ def source():
   return model, _init(model, seed=0)
 
 
+def test_export_names_what_the_published_loaders_lack():
+  from vit_jax.configs import cifar100, finetune
+  assert export.beyond_published_loaders(finetune.get_config("model=ViT-B/16")) == []
+  assert export.beyond_published_loaders(cifar100.get_config("keras")) == [
+      "hidden head layers (head_hidden_dims=(2048, 1024)): neither has them",
+      "a head on all tokens flattened (pool='flatten'): neither has one",
+      "GELU after each block's second MLP layer (mlp_activate_output=True): neither has it",
+      "inputs normalised with aug.normalize='dataset' (the training set's mean and std, in "
+      "run.json), where the published models take [-1, 1]"]
+  config = finetune.get_config("model=ViT-B/16")
+  config.model.overrides.num_registers, config.model.overrides.representation_size = 4, 768
+  config.aug.normalize = "imagenet"
+  assert export.beyond_published_loaders(config) == [
+      "register tokens (num_registers=4): timm's reader skips them, vision_transformer has "
+      "none",
+      "a pre_logits layer (representation_size=768): timm has none",
+      "inputs normalised with aug.normalize='imagenet' (ImageNet's mean and std), where the "
+      "published models take [-1, 1]"]
+
+
 def test_export_round_trip_gives_identical_logits(tmp_path, source):
   model, params = source
   path = tmp_path / "vit.npz"

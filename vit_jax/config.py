@@ -381,6 +381,14 @@ def published_model(init_from: str | None) -> tuple[str, dict] | None:
   return entry.model, dict(entry.fields)
 
 
+def model_fields(config: ml_collections.ConfigDict) -> dict:
+  """The VisionTransformer fields config.model builds: defaults, the registry entry's,
+  then the overrides."""
+  defaults = {f.name: f.default for f in dataclasses.fields(models.VisionTransformer)}
+  return {**defaults, **models.get_spec(config.model.name).fields,
+          **{k: v for k, v in config.model.overrides.items() if v is not None}}
+
+
 def _check_published(config: ml_collections.ConfigDict) -> None:
   """A published checkpoint by name needs the model that reproduces its function."""
   model_name, needs = published_model(config.init_from)
@@ -452,8 +460,7 @@ def _check_combinations(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % config.optim.accum_steps:
     raise errors.ConfigError(f"config.batch_size={config.batch_size} must divide by "
                              f"config.optim.accum_steps={config.optim.accum_steps}.")
-  fields = {**models.get_spec(config.model.name).fields,
-            **{k: v for k, v in config.model.overrides.items() if v is not None}}
+  fields = model_fields(config)
   patch = fields["patch_size"]
   if config.image_size % patch:
     raise errors.ConfigError(

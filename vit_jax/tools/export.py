@@ -4,6 +4,8 @@
   python main.py --mode=export --workdir=DIR --output=PATH.npz [--checkpoint=latest]
 
 DIR and PATH.npz may be on an object store (gs://BUCKET/...): see `vit_jax.paths`.
+vit_jax reads any export back as it was (config.init_from); a run whose model or input
+normalisation the published loaders do not build gets a warning naming what they lack.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import paths
+import ml_collections
+
+from vit_jax import config as config_lib, errors, paths
 from vit_jax.models import convert
-from vit_jax.train import checkpoints
+from vit_jax.train import checkpoints, workdir as workdir_lib
 
 
 def export_npz(params: Any, path: str) -> int:
@@ -40,4 +44,42 @@ def export_workdir(workdir: str, path: str, which: str = "best") -> str:
   step_dir = checkpoints.checkpoint_dir(workdir, which)
   count = export_npz(checkpoints.read_checkpoint_params(step_dir), path)
   print(f"Exported {count} arrays of {step_dir} to {path}.", flush=True)
+  try:
+    lacking = beyond_published_loaders(workdir_lib.load_config(workdir))
+  except errors.NoRunError:  # A checkpoint folder given alone: no config to check.
+    lacking = []
+  if lacking and jax.process_index() == 0:
+    print(f"WARNING: timm and vision_transformer will not rebuild this model from {path}: "
+          f"{'; '.join(lacking)}. vit_jax reads it back as it is (config.init_from).",
+          flush=True)
   return step_dir
+
+
+def beyond_published_loaders(config: ml_collections.ConfigDict) -> list[str]:
+  """What of `config`'s model and input the published ViT loaders (timm's
+  `_load_weights`, vision_transformer's models_vit) do not build, one phrase each."""
+  fields = config_lib.model_fields(config)
+  lacking = []
+  if fields["stem_features"]:
+    lacking.append(f"a convolutional stem (stem_features={fields['stem_features']}): "
+                   "neither has one")
+  if fields["head_hidden_dims"]:
+    lacking.append(f"hidden head layers (head_hidden_dims={tuple(fields['head_hidden_dims'])})"
+                   ": neither has them")
+  if fields["pool"] == "flatten":
+    lacking.append("a head on all tokens flattened (pool='flatten'): neither has one")
+  if fields["mlp_activate_output"]:
+    lacking.append("GELU after each block's second MLP layer (mlp_activate_output=True): "
+                   "neither has it")
+  if fields["num_registers"]:
+    lacking.append(f"register tokens (num_registers={fields['num_registers']}): timm's "
+                   "reader skips them, vision_transformer has none")
+  if fields["representation_size"]:
+    lacking.append(f"a pre_logits layer (representation_size={fields['representation_size']})"
+                   ": timm has none")
+  if config.aug.normalize != "minus_one_one":
+    statistics = ("the training set's mean and std, in run.json"
+                  if config.aug.normalize == "dataset" else "ImageNet's mean and std")
+    lacking.append(f"inputs normalised with aug.normalize={config.aug.normalize!r} "
+                   f"({statistics}), where the published models take [-1, 1]")
+  return lacking
