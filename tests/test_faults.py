@@ -723,6 +723,19 @@ def _recipes() -> str:
     (["--mode=export", "--workdir={t}/w"],
      "--mode=export needs --output=PATH.npz (the file to write)."),
     (["--mode=predict", "--images=a.png"], "--mode=predict needs --workdir=DIR."),
+    # A flag the mode would ignore is refused, naming the modes that read it.
+    (["--mode=predict", "--workdir={t}/w", "--images=a.png", "--config=fashion_mnist",
+      "--config.aug.eval_flip=False"],
+     "--mode=predict does not use --config: it reads the run's own settings (the workdir's "
+     "config.json)."),
+    (["--mode=bench", "--config=fashion_mnist", "--workdir={t}/w", "--images=a.png",
+      "--checkpoint=latest"],
+     "--mode=bench does not use --workdir: it writes nothing; --mode=bench does not use "
+     "--checkpoint (a flag of --mode=eval, predict, visualize and export); --mode=bench "
+     "does not use --images (a flag of --mode=predict and visualize)."),
+    (["--config=fashion_mnist", "--workdir={t}/w", "--output=x.npz", "--format=json"],
+     "--mode=train does not use --format (a flag of --mode=predict); --mode=train does not "
+     "use --output (a flag of --mode=export)."),
     (["--config=fashion_mnist", "--workdir={t}/w", "train"],
      "Unexpected arguments train: every setting is a flag, e.g. --workdir=DIR (main.py "
      "--helpshort lists them)."),

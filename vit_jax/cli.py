@@ -140,8 +140,25 @@ def _config():
                              f"{type(cause).__name__}: {reason}") from None
 
 
+# The flags each mode reads (the multi-host ones aside, which every mode takes).
+_MODE_FLAGS = {
+    "train": ("config", "workdir", "start_over"),
+    "eval": ("config", "workdir", "checkpoint"),
+    "bench": ("config",),
+    "predict": ("workdir", "images", "checkpoint", "format"),
+    "visualize": ("workdir", "images", "checkpoint"),
+    "export": ("workdir", "output", "checkpoint"),
+}
+
+
 def _check_usage(mode: str, workdir: str | None, config, output: str | None) -> None:
-  """Flags that the mode cannot do without: checked before jax starts or anything is read."""
+  """Flags that the mode cannot do without, and flags it would ignore: checked before jax
+  starts or anything is read."""
+  unused = [name for name in ("config", "workdir", "start_over", "checkpoint", "images",
+                              "format", "output")
+            if flags.FLAGS[name].present and name not in _MODE_FLAGS[mode]]
+  if unused:
+    raise errors.UsageError("; ".join(_why_unused(mode, name) for name in unused) + ".")
   if workdir is None and mode != "bench":
     raise errors.UsageError(f"--mode={mode} needs --workdir=DIR.")
   if mode in ("train", "eval", "bench") and config is None:
@@ -149,6 +166,17 @@ def _check_usage(mode: str, workdir: str | None, config, output: str | None) -> 
                             f"{', '.join(recipe_names())}) or --config=PATH/TO/RECIPE.py.")
   if mode == "export" and not output:
     raise errors.UsageError("--mode=export needs --output=PATH.npz (the file to write).")
+
+
+def _why_unused(mode: str, name: str) -> str:
+  if name == "config" and mode in ("predict", "visualize", "export"):
+    return (f"--mode={mode} does not use --config: it reads the run's own settings (the "
+            "workdir's config.json)")
+  if name == "workdir":
+    return "--mode=bench does not use --workdir: it writes nothing"
+  users = [m for m, names in _MODE_FLAGS.items() if name in names]
+  modes = " and ".join(filter(None, [", ".join(users[:-1]), users[-1]]))
+  return f"--mode={mode} does not use --{name} (a flag of --mode={modes})"
 
 
 def _quiet_console() -> None:
