@@ -75,6 +75,26 @@ def test_training_learns_fashion_mnist(fashion_mnist_dirs, tmp_path):
   assert final["eval/num_examples"] == 1000  # Every example once, the last batch padded.
 
 
+def test_rerunning_a_finished_run_with_a_validation_split_logs_nothing_twice(
+    fashion_mnist_dirs, tmp_path):
+  from vit_jax.configs import fashion_mnist
+  from vit_jax import train
+  config = fashion_mnist.get_config()
+  config.manual_dir, config.data_dir = fashion_mnist_dirs
+  config.train_split, config.val_split, config.eval_split = (
+      "train[:256]", "train[256:320]", "test[:64]")
+  config.model.overrides.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32))
+  config.batch_size = config.eval_batch_size = 64
+  config.total_steps, config.optim.warmup_steps = 4, 1
+  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  final = train.train_and_evaluate(config, str(tmp_path))
+  logged = (tmp_path / "metrics.jsonl").read_text()
+  assert [r["step"] for r in metric_rows(tmp_path) if "eval/best_step" in r] == [4]
+  # The rerun resumes at the last step and evaluates again, as the first run ended.
+  assert train.train_and_evaluate(config, str(tmp_path)) == final
+  assert (tmp_path / "metrics.jsonl").read_text() == logged
+
+
 def _wait_for(path: pathlib.Path, proc: subprocess.Popen, timeout: float = 300) -> None:
   deadline = time.time() + timeout
   while not path.exists():

@@ -222,7 +222,7 @@ def _resume(config, workdir: str, restored: checkpoints.Restored | None,
     return 0
   print(f"Resuming from {workdir}/checkpoints/{restored.step} (step {restored.step}/"
         f"{config.total_steps}).", flush=True)
-  writer.truncate_after(restored.step)
+  writer.truncate_after(restored.step, final_key=_FINAL_KEY)
   store.discard_best_after(restored.step)
   return restored.step
 
@@ -356,6 +356,10 @@ def _preempted(run: _Run, signal_name: str, step: int) -> preemption.Preempted:
   return error
 
 
+# The key of the final evaluation's metrics row (with a validation split).
+_FINAL_KEY = "eval/best_step"
+
+
 def _final_evaluation(run: _Run, state, shardings, step: int, eval_source, val_source) -> dict:
   """The last evaluation; with a validation split, the test split scored with the best
   checkpoint (picked on validation). Writes final_metrics.json, the curves, a summary."""
@@ -365,7 +369,7 @@ def _final_evaluation(run: _Run, state, shardings, step: int, eval_source, val_s
     best = run.store.restore(checkpoints.abstract_with_shardings(state, shardings), "best")
     best = best or checkpoints.Restored(step, state, {}, {})
     final.update(_score(run, best.state, eval_source, "eval"))
-    final["eval/best_step"] = best.step
+    final[_FINAL_KEY] = best.step
     run.writer.write(step, {k: v for k, v in final.items() if k.startswith("eval")})
   run.store.close()
   run.writer.close()

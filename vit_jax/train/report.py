@@ -48,12 +48,18 @@ class MetricsWriter:
         self._tb.add_scalar(name, value, step)
     self._tb.flush()
 
-  def truncate_after(self, step: int) -> None:
-    """Drops rows past `step`: a resumed run rewrites what the crashed run logged later."""
+  def truncate_after(self, step: int, final_key: str) -> None:
+    """Drops rows past `step`, and the one at `step` that holds `final_key` (the final
+    evaluation, logged after the last checkpoint): a resumed run rewrites what the crashed
+    or finished run logged later."""
     if not self.enabled or not paths.exists(self.path):
       return
+
+    def kept(row: dict) -> bool:
+      return row["step"] < step or (row["step"] == step and final_key not in row)
+
     rows = [line for line in paths.read_text(self.path).splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= step]
+            if line.strip() and kept(json.loads(line))]
     paths.write_text_atomic(self.path, "".join(rows))
 
   def close(self) -> None:
