@@ -31,6 +31,9 @@ plain ViT and 65 tokens already see 4x4 pixels each. Not run on CIFAR-100 itself
 patch 6, flatten head [2048, 1024]), Normalization adapted to the training set, resize to
 72, RandomFlip, RandomRotation(0.02), RandomZoom(0.2), AdamW lr 1e-3 constant, batch 256,
 100 epochs, 10% of train held out for validation, best-validation weights scored on test.
+Rotation and zoom are one composed warp where Keras warps twice: the same pixels inside
+the image, other reflections at its borders when a rotated image is zoomed out (and one
+bilinear interpolation instead of two).
 Weight decay: the original used TF Addons AdamW, whose decay (1e-4 of each weight per
 step) is NOT multiplied by the learning rate: `weight_decay_mode="decoupled"` does that,
 on every parameter as Keras does. For Keras 3 / optax semantics (decay x lr) use
