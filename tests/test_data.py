@@ -658,3 +658,18 @@ def test_channel_mean_std_exact():
   assert mean.dtype == std.dtype == np.float32
   np.testing.assert_allclose(mean, [10, 127.5, 3])
   np.testing.assert_allclose(std, [0, 127.5, np.sqrt(5)], rtol=1e-6)
+
+
+def test_normalization_stats_read_the_data_for_dataset_normalization_only(monkeypatch):
+  source = indexed_source(8)
+  reads = []
+  monkeypatch.setattr(source, "channel_mean_std", lambda: reads.append(1) or ("m", "s"))
+  config = make_config()
+  assert data.normalization_stats(config, source) == ("m", "s") and reads == [1]
+  config.aug.normalize = "minus_one_one"  # x -> (x - 127.5) / 127.5, the data unread.
+  np.testing.assert_array_equal(data.normalization_stats(config, source), np.full((2, 3), 127.5))
+  config.aug.normalize = "imagenet"
+  mean, std = data.normalization_stats(config, source)
+  np.testing.assert_allclose(mean, [123.675, 116.28, 103.53])
+  np.testing.assert_allclose(std, [58.395, 57.12, 57.375])
+  assert reads == [1]

@@ -15,7 +15,9 @@ TFDS (and TensorFlow) are imported only by `folders` and `tfds_source`, when a d
 is loaded: the rest runs without them.
 """
 import ml_collections
+import numpy as np
 
+from vit_jax.data import augment
 from vit_jax.data.pipeline import (EvalBatches, TrainIterator, eval_batches,
                                    measure_input_throughput, train_iterator)
 from vit_jax.data.sources import ArraySource, PhotoSource, Source, StreamingSource
@@ -32,6 +34,20 @@ def load_source(config: ml_collections.ConfigDict, split: str) -> Source:
     return folders.load(config, split)
   from vit_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
   return tfds_source.load(config, split)
+
+
+def normalization_stats(config: ml_collections.ConfigDict,
+                        source: Source) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std (0..255 units) that `config.aug.normalize` maps to 0 and 1:
+  the training set's, computed, for "dataset" (photos and streamed sets: from 10,000
+  examples, decoded), else the constants the mode uses. The step reads them for "dataset" only; run.json records them."""
+  channels = source.image_shape[-1]
+  if config.aug.normalize == "dataset":
+    return source.channel_mean_std()
+  if config.aug.normalize == "imagenet":
+    return (np.asarray(augment.IMAGENET_MEAN_C, np.float32),
+            np.asarray(augment.IMAGENET_STD_C, np.float32))
+  return np.full(channels, 127.5, np.float32), np.full(channels, 127.5, np.float32)
 
 
 def for_device(config: ml_collections.ConfigDict, host_crops: bool) -> ml_collections.ConfigDict:

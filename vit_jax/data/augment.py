@@ -28,8 +28,8 @@ from jax import lax
 from vit_jax.data import geometry, randaugment
 
 # Published ImageNet statistics, scaled to 0..255 pixel units.
-_IMAGENET_MEAN_C = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-_IMAGENET_STD_C = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+IMAGENET_MEAN_C = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_C = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # Keras Normalization divides by max(std, epsilon): a constant channel must not give inf.
 _STD_EPSILON = 1e-7
 # Inception crop aspect ratios (width / height), as in torchvision and timm.
@@ -200,7 +200,7 @@ def _normalize(x_BxSxSxC: jax.Array, mode: str, mean_C: jax.Array | None,
     if x_BxSxSxC.shape[-1] != 3:
       raise ValueError("aug.normalize='imagenet' needs RGB images; use 'dataset' or "
                        "'minus_one_one' for single-channel data.")
-    mean_C, std_C = jnp.array(_IMAGENET_MEAN_C), jnp.array(_IMAGENET_STD_C)
+    mean_C, std_C = jnp.array(IMAGENET_MEAN_C), jnp.array(IMAGENET_STD_C)
   elif mode == "dataset":
     if mean_C is None or std_C is None:
       raise ValueError("aug.normalize='dataset' needs the training set's mean_C and std_C.")

@@ -58,7 +58,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_source = data.load_source(config, config.eval_split)
   val_source = data.load_source(config, config.val_split) if config.val_split else None
   num_classes = train_source.num_classes
-  mean_C, std_C = train_source.channel_mean_std()
+  mean_C, std_C = data.normalization_stats(config, train_source)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config_lib.resolve_steps(config, len(train_source))
