@@ -40,7 +40,8 @@ def normalization_stats(config: ml_collections.ConfigDict,
                         source: Source) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel mean and std (0..255 units) that `config.aug.normalize` maps to 0 and 1:
   the training set's, computed, for "dataset" (photos and streamed sets: from 10,000
-  examples, decoded), else the constants the mode uses. The step reads them for "dataset" only; run.json records them."""
+  examples, decoded), else the constants the mode uses. The step reads them for "dataset"
+  only; run.json records them."""
   channels = source.image_shape[-1]
   if config.aug.normalize == "dataset":
     return source.channel_mean_std()

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
-
 import ml_collections
+import numpy as np
 
 from vit_jax import config as config_lib, errors, paths
 from vit_jax.models import convert
