@@ -1,6 +1,6 @@
 r"""CIFAR-100 from scratch: our recipe (default) or the Keras origin (`:keras`).
 
-Default, our recipe: ViT-Ti/4 (5.5M params, 65 tokens at 32 px), the augmentation and
+Default, our recipe: ViT-Ti/4 (5.4M params, 65 tokens at 32 px), the augmentation and
 regularisation of Lee et al. 2021 ("Vision Transformer for Small-Size Datasets", 73.8% for
 a plain 2.8M ViT in 100 epochs): pad-crop + flip, RandAugment(2, 9) (in place of
 AutoAugment), mixup 0.8 / cutmix 1.0, random erasing 0.25, label smoothing 0.1,
@@ -10,7 +10,7 @@ stochastic depth 0.1, AdamW lr 1e-3 wd 0.05, 10 warmup epochs then cosine, 100 e
 
   Expected: about 74-76% top-1 (the recipe's literature figure is 73.8% for a smaller
   model; this exact config has not yet been run to the end: no CIFAR-100 copy or GPU time
-  was available where it was written). Time: 19,500 steps of 256 at 2.2 GFLOP/image,
+  was available where it was written). Time: 19,531 steps of 256 at 2.2 GFLOP/image,
   about 18 h on a 2-core CPU (about 80 train images/s, README Performance), well under
   an hour on one H100.
 
@@ -41,7 +41,7 @@ on every parameter as Keras does. For Keras 3 / optax semantics (decay x lr) use
 
   python main.py --config=configs/cifar100.py:keras --workdir=workdirs/cifar100_keras
 
-  Expected: about 55% top-1 / 82% top-5 (the example's report). Time: 17,600 steps of 256
+  Expected: about 55% top-1 / 82% top-5 (the example's report). Time: 17,578 steps of 256
   at 1.2 GFLOP/image: about 18 h on a 2-core CPU (about 70 train images/s); the Keras
   example needs about 85 min per epoch there (140 h).
 """
@@ -74,7 +74,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.label_smoothing = 0.1
   config.optim.lr = 1e-3
   config.optim.weight_decay = 0.05
-  config.optim.warmup_epochs = 10.0  # In steps at the run's batch size: see train.py.
+  config.optim.warmup_epochs = 10.0  # In steps at the run's batch size: config.resolve_steps.
   config.optim.schedule = "cosine"
   config.optim.grad_clip_norm = 1.0
   config.eval_every_steps = 1000

@@ -17,7 +17,7 @@ RandAugment, mixup and normalisation run on the device.
       --config.manual_dir=/path/to/imagenet/tars --config.compute_dtype=bfloat16
 
   Expected: ViT-S/16 about 76.5% top-1 after 90 epochs (big_vision's plain ViT-S/16
-  figure; 80% after 300 epochs). Time: 112,590 steps of 1024 at 13.8 GFLOP/image training,
+  figure; 80% after 300 epochs). Time: 111,477 steps of 1024 at 13.8 GFLOP/image training,
   about 1.5 days on 8 A100s or a v3-8 TPU. ViT-B/16: about 4x the compute. Not run here.
 """
 import ml_collections
