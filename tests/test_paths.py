@@ -55,3 +55,33 @@ def test_remote_paths_against_the_emulator(gcs_emulator):
   paths.remove(metrics)  # Missing: no error.
   paths.rmtree(paths.join(root, "sub"))
   assert not paths.exists(root)
+
+
+def test_an_upload_broken_off_leaves_the_object_as_it_was(gcs_emulator, monkeypatch):
+  """A store's upload commits with its last request: one that fails midway (a dropped
+  connection here, after the first 50 MiB chunk) must not replace the object with a part."""
+  import gcsfs.core  # pylint: disable=g-import-not-at-top
+  target = f"gs://bucket/{uuid.uuid4().hex}/model.npz"
+  paths.write_bytes_atomic(target, b"old")
+  real_upload_chunk, chunks = gcsfs.core.upload_chunk, []
+
+  async def broken_off(*args, **kwargs):
+    chunks.append(1)
+    if len(chunks) == 2:
+      raise ConnectionResetError("the connection dropped")
+    return await real_upload_chunk(*args, **kwargs)
+
+  monkeypatch.setattr(gcsfs.core, "upload_chunk", broken_off)
+  new = b"n" * (51 << 20)
+  with pytest.raises(ConnectionResetError):
+    with paths.atomic_file(target) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(new)
+  assert paths.read_bytes(target) == b"old" and len(chunks) == 2
+  chunks.clear()
+  with pytest.raises(ConnectionResetError):
+    paths.write_bytes_atomic(target, new)
+  assert paths.read_bytes(target) == b"old" and len(chunks) == 2
+  monkeypatch.undo()
+  paths.write_bytes_atomic(target, new)  # The same upload, unbroken, commits.
+  assert paths.read_bytes(target) == new

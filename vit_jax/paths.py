@@ -8,7 +8,7 @@ What is atomic (a reader sees the old content or the new, never half):
   * local: `write_bytes_atomic`, `write_text_atomic` and `atomic_file` write a temporary
     file beside the target, fsync it and rename it over the target;
   * object stores: each of those is one object upload, which GCS (and S3) make visible
-    only when complete. `append_text` rewrites the whole object (an object cannot be
+    only when complete (an upload broken off midway leaves the object as it was). `append_text` rewrites the whole object (an object cannot be
     appended to; epath's open("a") on gs:// silently overwrites instead), so it is meant
     for one writer at a time, which is how metrics.jsonl is written (process 0).
 Object stores have no folders: `makedirs` makes nothing there, a "folder" exists while an
@@ -135,10 +135,22 @@ def read_text(path: str) -> str:
   return read_bytes(path).decode("utf-8")
 
 
+def _store(path: str):
+  """(fsspec filesystem, path within it) of a URL: its uploads commit whole or not at all.
+
+  Not epath's open("wb"): that file object finishes its upload in close(), which runs on
+  the way out of an exception too, and an interrupted write would replace the object with
+  its first part. put_file and pipe_file commit the object with their last request only.
+  """
+  import fsspec  # pylint: disable=g-import-not-at-top
+  return fsspec.core.url_to_fs(path)
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
   """`data` into `path`, atomically (see the module docstring)."""
   if is_remote(path):
-    as_epath(path).write_bytes(data)  # One upload.
+    fs, key = _store(path)
+    fs.pipe_file(key, data)
     return
   with atomic_file(path) as tmp:
     with builtins.open(tmp, "wb") as f:
@@ -169,8 +181,8 @@ def atomic_file(path: str) -> Iterator[str]:
   with tempfile.TemporaryDirectory(prefix="vit_jax-") as folder:
     tmp = os.path.join(folder, basename(path))
     yield tmp
-    with builtins.open(tmp, "rb") as src, as_epath(path).open("wb") as dst:
-      shutil.copyfileobj(src, dst, 1 << 22)
+    fs, key = _store(path)
+    fs.put_file(tmp, key)
 
 
 def append_text(path: str, text: str) -> None:
