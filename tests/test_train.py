@@ -214,6 +214,43 @@ def test_two_processes_match_one_process(fashion_mnist_dirs, tmp_path):
   assert final["eval/num_examples"] == 300
 
 
+# Process i of 2 saves steps 1 and 2 of a small state into one folder, then restores it;
+# step 2 fails its checksum on process 1 only (as damage in shards only it reads would).
+_RESTORE_WHERE_ONE_PROCESS_FAILS = """
+import json, sys
+import jax, jax.numpy as jnp
+from vit_jax import parallel
+from vit_jax.train import checkpoints
+flags = dict(a[2:].split("=", 1) for a in sys.argv[2:])
+jax.distributed.initialize(flags["coordinator_address"], int(flags["num_processes"]),
+                           int(flags["process_id"]))
+mesh = parallel.make_mesh()
+store = checkpoints.CheckpointStore(sys.argv[1], keep=3)
+state = {"w": jax.device_put(jnp.arange(8.0), parallel.replicated(mesh))}
+for step in (1, 2):
+  store.save(step, jax.tree_util.tree_map(lambda x: x * step, state), {"position": step}, {})
+store.close()
+real_verify = checkpoints._verify
+def verify(restored, expected):
+  if jax.process_index() == 1 and float(restored["w"][1]) == 2.0:
+    raise ValueError("checksum mismatch")
+  real_verify(restored, expected)
+checkpoints._verify = verify
+restored = checkpoints.CheckpointStore(sys.argv[1], keep=3).restore(
+    checkpoints.abstract_with_shardings(state, {"w": parallel.replicated(mesh)}))
+print(json.dumps({"step": restored.step, "w1": float(restored.state["w"][1])}))
+"""
+
+
+def test_every_process_restores_the_same_checkpoint(tmp_path):
+  outputs = _two_processes(lambda i: [sys.executable, "-c", _RESTORE_WHERE_ONE_PROCESS_FAILS,
+                                      str(tmp_path / "checkpoints")])
+  results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  assert results == [{"step": 1, "w1": 1.0}] * 2, outputs
+  assert (f"WARNING: checkpoint {tmp_path}/checkpoints/checkpoints/2 is unreadable (on "
+          "process(es) 1); falling back to step 1.") in outputs[0]
+
+
 def test_cpu_steps_compile_with_the_measured_xla_options_where_jaxlib_knows_them(
     monkeypatch):
   assert steps.compiler_options() == {

@@ -129,6 +129,15 @@ def to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def processes_where_not(ok: bool) -> list[int]:
+  """The indices of the processes whose `ok` is False; every process must call it, and all
+  get the same list (so that they take the same branch after it)."""
+  if jax.process_count() == 1:
+    return [] if ok else [0]
+  oks = np.ravel(multihost_utils.process_allgather(np.int32(ok)))
+  return [i for i, process_ok in enumerate(oks) if not process_ok]
+
+
 def sync(name: str) -> None:
   """Waits until every process of the run gets here (a no-op for one process)."""
   multihost_utils.sync_global_devices(name)

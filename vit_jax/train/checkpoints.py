@@ -37,7 +37,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vit_jax import errors, paths
+from vit_jax import errors, parallel, paths
 from vit_jax.models import convert
 
 
@@ -245,7 +245,9 @@ class CheckpointStore:
     """The newest readable checkpoint of `which` ("latest" or "best"), or None if none.
 
     `abstract_state` carries the target shardings, so a run saved on one device count
-    restores onto another. Unreadable checkpoints are reported and skipped.
+    restores onto another. Unreadable checkpoints are reported and skipped. Every process
+    of a multi-host run takes the same one: a checkpoint that one process cannot read
+    (damage in the shards it reads, a read that failed) is skipped by all.
     """
     manager = {"latest": self.latest, "best": self.best}[which]
     steps = sorted(manager.all_steps(), reverse=True)
@@ -253,20 +255,26 @@ class CheckpointStore:
     for i, step in enumerate(steps):
       path = paths.join(str(manager.directory), str(step))
       self._check_structure(path, abstract_state)
+      error = None
       try:
         out = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         _verify(out["state"], out["meta"].get("checksums"))
       except Exception as e:  # Orbax raises many types for damaged files.  # noqa: BLE001
-        reason = _reason(e)
+        error = e
+      failed = parallel.processes_where_not(error is None)
+      if failed:
         later = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps)
                  else "no older checkpoint to fall back to")
-        # The console gets one line; orbax's whole error (it can dump a TensorStore spec
-        # per array) only where INFO logs are wanted (main.py --verbosity=0).
-        logging.info("Checkpoint %s is unreadable (%s: %s); %s.", path, type(e).__name__,
-                     str(e)[:2000], later)
+        if error is not None:
+          # The console gets one line; orbax's whole error (it can dump a TensorStore spec
+          # per array) only where INFO logs are wanted (main.py --verbosity=0).
+          logging.info("Checkpoint %s is unreadable (%s: %s); %s.", path,
+                       type(error).__name__, str(error)[:2000], later)
         if jax.process_index() == 0:
+          reason = (_reason(error) if error is not None
+                    else f"on process(es) {', '.join(map(str, failed))}")
           print(f"WARNING: checkpoint {path} is unreadable ({reason}); {later}.", flush=True)
         continue
       meta = {k: v for k, v in dict(out["meta"]).items() if k != "checksums"}
