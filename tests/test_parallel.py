@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import step_kit
 
-from vit_jax import config as config_lib, parallel
+from vit_jax import config as config_lib, errors, parallel
 from vit_jax.train import metrics, steps
 
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
@@ -102,6 +102,29 @@ SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS"
 ])
 def test_clusters_are_detected_from_the_environment(environ, cluster):
   assert parallel.detect_cluster(environ) == cluster
+
+
+def test_open_mpi_5_asks_for_the_flags():
+  # Open MPI 5 (PRRTE) sets no OMPI_MCA_orte_hnp_uri: jax.distributed cannot find rank 0.
+  with pytest.raises(errors.UsageError) as error:
+    parallel.detect_cluster({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1",
+                             "PMIX_RANK": "1", "PRTE_LAUNCHED": "1"})
+  assert str(error.value) == (
+      "mpirun started 2 processes, but this Open MPI (5 or later) does not tell "
+      "jax.distributed where they meet: pass --coordinator_address=HOST:PORT (a free port "
+      "on the host of rank 0) --num_processes=$OMPI_COMM_WORLD_SIZE "
+      "--process_id=$OMPI_COMM_WORLD_RANK.")
+
+
+def test_a_coordinator_address_alone_asks_for_the_other_flags(monkeypatch):
+  monkeypatch.setattr(jax.config, "update", lambda *args: None)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")  # No Kubernetes to ask.
+  with pytest.raises(errors.UsageError) as error:
+    parallel.initialize_distributed(None, None, None)
+  assert str(error.value) == (
+      "The processes of the run could not be joined (JAX_COORDINATOR_ADDRESS: Number of "
+      "processes must be defined.): give every process --coordinator_address=HOST:PORT "
+      "--num_processes=N --process_id=I.")
 
 
 def test_processes_join_by_flags_else_by_the_cluster_else_not_at_all(monkeypatch):

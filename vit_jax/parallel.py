@@ -32,8 +32,15 @@ def detect_cluster(environ=os.environ) -> str | None:
            "SLURM_LOCALID")
   if all(k in environ for k in slurm) and int(environ["SLURM_NTASKS"]) > 1:
     return "SLURM"
-  if "OMPI_MCA_orte_hnp_uri" in environ and int(environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
-    return "Open MPI"
+  if int(environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
+    if "OMPI_MCA_orte_hnp_uri" in environ:
+      return "Open MPI"
+    # Open MPI 5 (PRRTE) no longer names the launcher's address, which jax.distributed reads.
+    raise errors.UsageError(
+        f"mpirun started {environ['OMPI_COMM_WORLD_SIZE']} processes, but this Open MPI (5 "
+        "or later) does not tell jax.distributed where they meet: pass "
+        "--coordinator_address=HOST:PORT (a free port on the host of rank 0) "
+        "--num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK.")
   if environ.get("JAX_COORDINATOR_ADDRESS"):  # Kubernetes JobSets and hand-made launchers.
     return "JAX_COORDINATOR_ADDRESS"
   if (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")) and (
@@ -54,8 +61,13 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     return None
   # CPU processes need a collectives backend to exchange data (GPUs/TPUs have their own).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  except ValueError as e:  # A setting it could neither detect nor was given.
+    raise errors.UsageError(
+        f"The processes of the run could not be joined ({how}: {e}): give every process "
+        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I.") from None
   return how
 
 
