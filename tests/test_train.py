@@ -169,6 +169,23 @@ def _two_processes(command) -> list[str]:
   return outputs
 
 
+def test_every_process_stops_when_process_0_cannot_prepare_the_data(tmp_path):
+  empty = tmp_path / "manual"
+  empty.mkdir()
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [*main_command(tmp_path / "run", (str(empty), str(tmp_path / "tfds"))),
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], outputs
+  assert outputs[0][1].splitlines()[-1].startswith(
+      f"ERROR: fashion_mnist: config.manual_dir={empty} lacks"), outputs[0]
+  assert outputs[1][1].splitlines()[-1] == (
+      "ERROR: Process 0 could not prepare fashion_mnist: its error is in its output."), outputs[1]
+
+
 def test_a_workdir_the_processes_do_not_share_is_refused(fashion_mnist_dirs, tmp_path):
   # Each process given its own folder (a relative path from two other folders): as if
   # each host wrote to its local disk.

@@ -88,11 +88,20 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 def _prepared_once(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """`_prepared_builder` in a multi-process run: process 0 prepares the dataset while the
   others wait, then all read it (in a shared data_dir, at once: no two processes write
-  the same files; in a local one, each host's own copy is then made by its process)."""
+  the same files; in a local one, each host's own copy is then made by its process).
+  Where process 0 fails, every process stops."""
   if jax.process_count() > 1:
+    error = None
     if jax.process_index() == 0:
-      _prepared_builder(config)
-    parallel.sync(f"prepared {config.dataset}")
+      try:
+        _prepared_builder(config)
+      except Exception as e:  # pylint: disable=broad-except  # Raised below, after all know.
+        error = e
+    if parallel.processes_where_not(error is None):  # The others would wait for good.
+      if error is not None:
+        raise error
+      raise errors.DataError(f"Process 0 could not prepare {config.dataset}: its error is "
+                             "in its output.")
   return _prepared_builder(config)
 
 
