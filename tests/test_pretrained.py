@@ -70,8 +70,8 @@ def test_export_names_what_the_published_loaders_lack():
   assert export.beyond_published_loaders(finetune.get_config("model=ViT-B/16")) == []
   assert export.beyond_published_loaders(cifar100.get_config("keras")) == [
       "hidden head layers (head_hidden_dims=(2048, 1024)): neither has them",
-      "a head on all tokens flattened (pool='flatten'): neither has one",
       "GELU after each block's second MLP layer (mlp_activate_output=True): neither has it",
+      "a head on all tokens flattened (pool='flatten'): neither has one",
       "inputs normalised with aug.normalize='dataset' (the training set's mean and std, in "
       "run.json), where the published models take [-1, 1]"]
   config = finetune.get_config("model=ViT-B/16")

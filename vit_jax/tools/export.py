@@ -54,28 +54,29 @@ def export_workdir(workdir: str, path: str, which: str = "best") -> str:
   return step_dir
 
 
+# Model fields that add what the published loaders do not build: (field, what, who lacks it).
+_BEYOND_THE_LOADERS = (
+    ("stem_features", "a convolutional stem", "neither has one"),
+    ("head_hidden_dims", "hidden head layers", "neither has them"),
+    ("mlp_activate_output", "GELU after each block's second MLP layer", "neither has it"),
+    ("num_registers", "register tokens", "timm's reader skips them, vision_transformer has "
+     "none"),
+    ("representation_size", "a pre_logits layer", "timm has none"),
+)
+
+
+def _shown(value) -> str:
+  return repr(tuple(value) if isinstance(value, list) else value)
+
+
 def beyond_published_loaders(config: ml_collections.ConfigDict) -> list[str]:
   """What of `config`'s model and input the published ViT loaders (timm's
   `_load_weights`, vision_transformer's models_vit) do not build, one phrase each."""
   fields = config_lib.model_fields(config)
-  lacking = []
-  if fields["stem_features"]:
-    lacking.append(f"a convolutional stem (stem_features={fields['stem_features']}): "
-                   "neither has one")
-  if fields["head_hidden_dims"]:
-    lacking.append(f"hidden head layers (head_hidden_dims={tuple(fields['head_hidden_dims'])})"
-                   ": neither has them")
+  lacking = [f"{what} ({name}={_shown(fields[name])}): {who}"
+             for name, what, who in _BEYOND_THE_LOADERS if fields[name]]
   if fields["pool"] == "flatten":
     lacking.append("a head on all tokens flattened (pool='flatten'): neither has one")
-  if fields["mlp_activate_output"]:
-    lacking.append("GELU after each block's second MLP layer (mlp_activate_output=True): "
-                   "neither has it")
-  if fields["num_registers"]:
-    lacking.append(f"register tokens (num_registers={fields['num_registers']}): timm's "
-                   "reader skips them, vision_transformer has none")
-  if fields["representation_size"]:
-    lacking.append(f"a pre_logits layer (representation_size={fields['representation_size']})"
-                   ": timm has none")
   if config.aug.normalize != "minus_one_one":
     statistics = ("the training set's mean and std, in run.json"
                   if config.aug.normalize == "dataset" else "ImageNet's mean and std")
