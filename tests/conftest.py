@@ -35,7 +35,10 @@ def fashion_manual_dir() -> pathlib.Path | None:
 
 @pytest.fixture(scope="session")
 def fashion_mnist_dirs(tmp_path_factory) -> tuple[str, str]:
-  """(manual_dir, data_dir) with fashion_mnist prepared once per test session (~20 s)."""
+  """(manual_dir, data_dir) with fashion_mnist prepared once per test session (~20 s).
+
+  The pytest-xdist workers of one session share it: the first to ask builds it, the others
+  wait for it (vit_jax's preparation lock) instead of building a copy each."""
   manual_dir = fashion_manual_dir()
   if manual_dir is None:
     pytest.skip("Fashion-MNIST files not found in ../shared/data/fashion_mnist (beside the "
@@ -44,7 +47,10 @@ def fashion_mnist_dirs(tmp_path_factory) -> tuple[str, str]:
   config = config_lib.get_base_config()
   config.dataset = "fashion_mnist"
   config.manual_dir = str(manual_dir)
-  config.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # The session's folder, above the workers' own.
+    config.data_dir = str(tmp_path_factory.getbasetemp().parent / "fashion_mnist_tfds")
+  else:
+    config.data_dir = str(tmp_path_factory.mktemp("tfds"))
   data.load_source(config, "test[:1]")
   return config.manual_dir, config.data_dir
 
