@@ -3,6 +3,7 @@ multi-host equivalence, evaluation mode."""
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -184,6 +185,26 @@ def test_every_process_stops_when_process_0_cannot_prepare_the_data(tmp_path):
       f"ERROR: fashion_mnist: config.manual_dir={empty} lacks"), outputs[0]
   assert outputs[1][1].splitlines()[-1] == (
       "ERROR: Process 0 could not prepare fashion_mnist: its error is in its output."), outputs[1]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(fashion_mnist_dirs, tmp_path):
+  # Through JAX's preemption service (jax.distributed is up): the processes agree on a step.
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [*main_command(tmp_path, fashion_mnist_dirs, "--config.total_steps=400",
+                     "--config.checkpoint_every_steps=4", "--config.eval_every_steps=400"),
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  _wait_for(tmp_path / "checkpoints" / "4", procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outputs
+  saved = [re.findall(r"^SIGTERM: saved a checkpoint at step (\d+)/400 in ", out, re.M)
+           for out in outputs]
+  assert saved[0] == saved[1] and len(saved[0]) == 1, outputs
+  assert int(saved[0][0]) in [int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                              if p.name.isdigit()]
 
 
 def test_a_workdir_the_processes_do_not_share_is_refused(fashion_mnist_dirs, tmp_path):
