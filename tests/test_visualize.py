@@ -281,3 +281,8 @@ def test_model_view_is_the_image_at_model_size():
   images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
   np.testing.assert_array_equal(visualize.model_view(trained, images), images)
   assert visualize.model_view(trained, np.zeros((1, 20, 20, 1), np.uint8)).shape == (1, 8, 8, 1)
+  # A photo run's images arrive cropped on the host (as the model saw them): not again.
+  config.aug.eval_crop_fraction = 0.875
+  photos = workdir_lib.Trained(config, None, None, 0, [], np.zeros(3), np.ones(3),
+                               host_crops=True)
+  np.testing.assert_array_equal(visualize.model_view(photos, images), images)

@@ -209,8 +209,9 @@ def _inputs(trained: workdir_lib.Trained, workdir: str, images: Sequence[str]
 def model_view(trained: workdir_lib.Trained, images_NxHxWxC: np.ndarray) -> np.ndarray:
   """uint8 images as the model sees them: eval preprocessing (crop, resize) undone only
   for the normalisation, so the attention maps line up with the pixels shown."""
-  aug = ml_collections.ConfigDict({**trained.config.aug.to_dict(),
-                                   "normalize": "minus_one_one"})
+  # Photos came cropped from the host (predict.read_image): the device crops no more.
+  device_config = data.for_device(trained.config, trained.host_crops)
+  aug = ml_collections.ConfigDict({**device_config.aug.to_dict(), "normalize": "minus_one_one"})
   x_NxSxSxC = augment.eval_preprocess(images_NxHxWxC, aug,
                                       image_size=trained.config.image_size,
                                       mean_C=None, std_C=None)
