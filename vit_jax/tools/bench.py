@@ -17,7 +17,8 @@ What is timed:
   is available without downloading; otherwise null and `input/skipped` says why.
 * FLOPs: `train/flops_per_image` is XLA's cost analysis of the compiled train step
   (`train/flops_source` = "xla_cost_analysis"; every op, augmentation and optimiser
-  included); where XLA gives none, 3 x the forward matmul FLOPs ("formula").
+  included); where XLA gives none, or would count a loop's body once (scan_layers,
+  accum_steps > 1), 3 x the forward matmul FLOPs ("formula").
   `train/model_flops_per_image` is the model-FLOPs convention of the peers and of MFU:
   3 x (2*M*N*K over every matmul and convolution of the forward pass), counted from the
   traced program, so it holds for any config or override.
@@ -157,7 +158,10 @@ def _flops_and_peak(config, built: dict[str, Any]) -> dict[str, Any]:
   devices = jax.devices()
   device_kind, opts = devices[0].device_kind, config.bench
   model_flops = 3 * flops.forward_matmul_flops(built["model"], built["input_shape"])
-  counted = flops.xla_flops(built["train"])
+  # XLA's cost analysis counts a loop's body once, not once per iteration: with scanned
+  # blocks or accumulated micro-batches its figure is a fraction of the step's.
+  loops = config.scan_layers or config.optim.accum_steps > 1
+  counted = None if loops else flops.xla_flops(built["train"])
   if counted is not None:
     # The compiled program is one device's share of the SPMD step.
     flops_per_image = counted * len(devices) / config.batch_size
