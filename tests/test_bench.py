@@ -101,6 +101,12 @@ def test_peak_table():
   assert flops.table_peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 494.0
   assert flops.table_peak_tflops("TPU v4", "float32") == 275.0
   assert flops.table_peak_tflops("cpu", "float32") is None
+  # Names inside other names: the longer one first.
+  assert flops.table_peak_tflops("NVIDIA H100 NVL", "bfloat16") == 835.0
+  assert flops.table_peak_tflops("NVIDIA L40", "bfloat16") == 181.0
+  assert flops.table_peak_tflops("NVIDIA L40S", "bfloat16") == 362.0
+  assert flops.table_peak_tflops("NVIDIA L4", "bfloat16") == 121.0
+  assert flops.table_peak_tflops("TPU v3", "bfloat16") == 61.5  # A core: half a chip.
 
 
 def _tiny_config(dataset: str = "cifar100") -> ml_collections.ConfigDict:

@@ -23,11 +23,14 @@ from vit_jax.train import state as state_lib
 # is the TF32 tensor-core rate (JAX's default matmul precision there); TPUs run float32
 # matmuls as bf16 passes, so their bf16 figure is used for both.
 PEAK_TFLOPS = (
-    ("H200", (989.0, 494.0)), ("H100 PCIe", (756.0, 378.0)), ("H100", (989.0, 494.0)),
+    ("H200", (989.0, 494.0)), ("H100 PCIe", (756.0, 378.0)), ("H100 NVL", (835.0, 418.0)),
+    ("H100", (989.0, 494.0)),
     ("GH200", (989.0, 494.0)), ("B200", (2250.0, 1100.0)), ("A100", (312.0, 156.0)),
-    ("L40S", (362.0, 183.0)), ("L4", (121.0, 60.0)), ("A10G", (70.0, 35.0)),
+    ("L40S", (362.0, 183.0)), ("L40", (181.0, 90.5)), ("L4", (121.0, 60.0)),
+    ("A10G", (70.0, 35.0)),
     ("A10", (125.0, 62.5)), ("V100", (125.0, 15.7)), ("T4", (65.0, 8.1)),
-    ("TPU v2", (45.0, 45.0)), ("TPU v3", (123.0, 123.0)), ("TPU v4", (275.0, 275.0)),
+    # v2 and v3 chips are two JAX devices (one per core): their peaks are per core.
+    ("TPU v2", (22.5, 22.5)), ("TPU v3", (61.5, 61.5)), ("TPU v4", (275.0, 275.0)),
     ("TPU v5 lite", (197.0, 197.0)), ("TPU v5e", (197.0, 197.0)), ("TPU v5p", (459.0, 459.0)),
     ("TPU v5", (459.0, 459.0)), ("TPU v6 lite", (918.0, 918.0)), ("TPU v6e", (918.0, 918.0)),
 )
