@@ -3,7 +3,10 @@ by gathering parameters and reducing gradients; cluster start-up; pacing the hos
 client deadlocks, and aborts the process 40 s later, when the host dispatches more than 32
 multi-device programs with collectives ahead of 8 simulated devices: DispatchLimit keeps it
 a few steps ahead)."""
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -116,12 +119,15 @@ def test_open_mpi_5_asks_for_the_flags():
       "--process_id=$OMPI_COMM_WORLD_RANK.")
 
 
-def test_a_coordinator_address_alone_asks_for_the_other_flags(monkeypatch):
-  monkeypatch.setattr(jax.config, "update", lambda *args: None)
-  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")  # No Kubernetes to ask.
-  with pytest.raises(errors.UsageError) as error:
-    parallel.initialize_distributed(None, None, None)
-  assert str(error.value) == (
+def test_a_coordinator_address_alone_asks_for_the_other_flags():
+  # A fresh process: jax.distributed starts only before the first computation.
+  script = ("from vit_jax import errors, parallel\n"
+            "try:\n  parallel.initialize_distributed(None, None, None)\n"
+            "except errors.UsageError as e:\n  print(e)\n")
+  env = {**os.environ, "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}  # No Kubernetes to ask.
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                       text=True, timeout=300, check=True)
+  assert out.stdout.splitlines()[-1] == (
       "The processes of the run could not be joined (JAX_COORDINATOR_ADDRESS: Number of "
       "processes must be defined.): give every process --coordinator_address=HOST:PORT "
       "--num_processes=N --process_id=I.")
