@@ -8,9 +8,10 @@ What is atomic (a reader sees the old content or the new, never half):
   * local: `write_bytes_atomic`, `write_text_atomic` and `atomic_file` write a temporary
     file beside the target, fsync it and rename it over the target;
   * object stores: each of those is one object upload, which GCS (and S3) make visible
-    only when complete (an upload broken off midway leaves the object as it was). `append_text` rewrites the whole object (an object cannot be
-    appended to; epath's open("a") on gs:// silently overwrites instead), so it is meant
-    for one writer at a time, which is how metrics.jsonl is written (process 0).
+    only when complete (an upload broken off midway leaves the object as it was).
+    `append_text` rewrites the whole object (an object cannot be appended to; epath's
+    open("a") on gs:// silently overwrites instead), so it is meant for one writer at a
+    time, which is how metrics.jsonl is written (process 0).
 Object stores have no folders: `makedirs` makes nothing there, a "folder" exists while an
 object lies under it, and a rename is a copy and a delete (orbax marks complete checkpoints
 with commit_success.txt there instead of renaming).
