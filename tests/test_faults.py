@@ -444,18 +444,21 @@ def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_
   workdir = tmp_path / "run"
   nan_run = ["--config.optim.lr=1e30", "--config.total_steps=8", "--config.log_every_steps=2",
              "--config.checkpoint_every_steps=2", "--config.eval_every_steps=8"]
-  # lr 1e30: step 1 (warmup, lr 0) and step 2 stay finite, step 3's loss is NaN.
-  out = run(main_args(workdir, fashion_mnist_dirs, *nan_run), env, tmp_path / "nan.log", 1)
+  # lr 1e30: step 1 (warmup, lr 0) and step 2 stay finite, step 3's loss is NaN. A
+  # checkpoint every step and no log row before step 4: the save's own check must stop it.
+  first = [*nan_run[:2], "--config.log_every_steps=4", "--config.checkpoint_every_steps=1",
+           "--config.eval_every_steps=8"]
+  out = run(main_args(workdir, fashion_mnist_dirs, *first), env, tmp_path / "nan.log", 1)
   assert ("ERROR: Non-finite loss or gradient at step 3: its "
           "update was not applied and the run stopped (config.on_nonfinite='stop'). The "
           f"newest checkpoint is {workdir}/checkpoints/2 (step 2); a rerun resumes from it. "
           "Lower config.optim.lr or config.optim.grad_clip_norm and rerun, or set "
           "config.on_nonfinite='skip' to skip such steps.\n") in out
-  assert steps_on_disk(workdir) == [2] and steps_on_disk(workdir, "best") == []
+  assert steps_on_disk(workdir) == [1, 2] and steps_on_disk(workdir, "best") == []
   good = train_state(workdir)
   assert good.step == 2
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(good.params))
-  assert [r["step"] for r in metric_rows(workdir)] == [2]
+  assert not (workdir / "metrics.jsonl").exists() or metric_rows(workdir) == []
 
   # Another model in the same workdir is refused, and nothing in it changes.
   other = [*nan_run, "--config.model.name=ViT-S/4"]
@@ -465,18 +468,18 @@ def test_nonfinite_stop_workdir_mismatch_and_start_over_with_skip(fashion_mnist_
           f"{workdir} holds a run of a different model or dataset (model.name: 'ViT-Ti/4' -> "
           "'ViT-S/4'). Use another --workdir, or pass --start_over to delete its checkpoints "
           "and train from scratch.\n") in out
-  assert (workdir / "config.json").read_text() == before and steps_on_disk(workdir) == [2]
+  assert (workdir / "config.json").read_text() == before and steps_on_disk(workdir) == [1, 2]
 
   # A changed setting the train state depends on (no clipping: one optimiser stage fewer)
   # is named as such, not reported as damage; the checkpoint and config.json stay.
-  out = run(main_args(workdir, fashion_mnist_dirs, *nan_run, "--config.optim.grad_clip_norm=0"),
+  out = run(main_args(workdir, fashion_mnist_dirs, *first, "--config.optim.grad_clip_norm=0"),
             env, tmp_path / "changed.log", 1)
   assert (f"ERROR: Checkpoint {workdir}/checkpoints/2 is intact but holds another train "
           "state than this config builds (") in out, out[-3000:]
   assert out.endswith("Settings changed since the run's config.json: optim.grad_clip_norm: "
                       "1.0 -> 0.0.\n"), out[-3000:]
   assert "unreadable" not in out
-  assert (workdir / "config.json").read_text() == before and steps_on_disk(workdir) == [2]
+  assert (workdir / "config.json").read_text() == before and steps_on_disk(workdir) == [1, 2]
 
   # --start_over trains from scratch; on_nonfinite="skip" goes past the NaN steps (the
   # same architecture under another name: every step from 3 on is non-finite again).
