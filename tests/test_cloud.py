@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from test_train import REPO, _free_port, _two_processes, env_with, main_command
+from test_train import _two_processes, main_command, start_two_processes
 from vit_jax import paths
 
 
@@ -29,11 +29,7 @@ def _params(workdir: str):
 
 def _kill_two_processes_after(command, marker: str, timeout: float = 300) -> None:
   """Starts command(i) as process i of 2 and SIGKILLs both once `marker` exists."""
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [*command(i), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-       f"--process_id={i}"], cwd=REPO, env=env_with(4), stdout=subprocess.DEVNULL,
-      stderr=subprocess.DEVNULL) for i in range(2)]
+  procs = start_two_processes(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + timeout
   try:
     while not paths.exists(marker):

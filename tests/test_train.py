@@ -158,13 +158,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def start_two_processes(command, cwd=lambda i: REPO, **popen) -> list[subprocess.Popen]:
+  """Starts command(i) in cwd(i) as process i of 2 (4 CPU devices each), joined by flags;
+  stdout and stderr together as text unless `popen` says otherwise."""
+  port = _free_port()
+  popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen}
+  return [subprocess.Popen(
+      [*command(i), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=cwd(i), env=env_with(4), **popen) for i in range(2)]
+
+
 def _two_processes(command) -> list[str]:
   """Runs command(i) as process i of 2 (4 CPU devices each); their outputs."""
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [*command(i), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-       f"--process_id={i}"], cwd=REPO, env=env_with(4), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = start_two_processes(command)
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
   return outputs
@@ -173,12 +179,9 @@ def _two_processes(command) -> list[str]:
 def test_every_process_stops_when_process_0_cannot_prepare_the_data(tmp_path):
   empty = tmp_path / "manual"
   empty.mkdir()
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [*main_command(tmp_path / "run", (str(empty), str(tmp_path / "tfds"))),
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = start_two_processes(
+      lambda i: main_command(tmp_path / "run", (str(empty), str(tmp_path / "tfds"))),
+      stderr=subprocess.PIPE)
   outputs = [p.communicate(timeout=600) for p in procs]
   assert [p.returncode for p in procs] == [1, 1], outputs
   assert outputs[0][1].splitlines()[-1].startswith(
@@ -189,13 +192,9 @@ def test_every_process_stops_when_process_0_cannot_prepare_the_data(tmp_path):
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(fashion_mnist_dirs, tmp_path):
   # Through JAX's preemption service (jax.distributed is up): the processes agree on a step.
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [*main_command(tmp_path, fashion_mnist_dirs, "--config.total_steps=400",
-                     "--config.checkpoint_every_steps=4", "--config.eval_every_steps=400"),
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
+  procs = start_two_processes(lambda i: main_command(
+      tmp_path, fashion_mnist_dirs, "--config.total_steps=400",
+      "--config.checkpoint_every_steps=4", "--config.eval_every_steps=400"))
   _wait_for(tmp_path / "checkpoints" / "4", procs[0])
   procs[1].send_signal(signal.SIGTERM)
   outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -212,13 +211,10 @@ def test_a_workdir_the_processes_do_not_share_is_refused(fashion_mnist_dirs, tmp
   # each host wrote to its local disk.
   for i in range(2):
     (tmp_path / f"host{i}").mkdir()
-  port = _free_port()
   command = [arg.replace("configs/", f"{REPO}/configs/")
              for arg in main_command("run", fashion_mnist_dirs)]
-  procs = [subprocess.Popen(
-      [*command, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-       f"--process_id={i}"], cwd=tmp_path / f"host{i}", env=env_with(4),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = start_two_processes(lambda i: command, cwd=lambda i: tmp_path / f"host{i}",
+                              stderr=subprocess.PIPE)
   outputs = [p.communicate(timeout=600) for p in procs]
   for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
     assert p.returncode == 1, err[-2000:]

@@ -154,8 +154,8 @@ _MODE_FLAGS = {
 def _check_usage(mode: str, workdir: str | None, config, output: str | None) -> None:
   """Flags that the mode cannot do without, and flags it would ignore: checked before jax
   starts or anything is read."""
-  unused = [name for name in ("config", "workdir", "start_over", "checkpoint", "images",
-                              "format", "output")
+  every_mode_flag = dict.fromkeys(name for names in _MODE_FLAGS.values() for name in names)
+  unused = [name for name in every_mode_flag
             if flags.FLAGS[name].present and name not in _MODE_FLAGS[mode]]
   if unused:
     raise errors.UsageError("; ".join(_why_unused(mode, name) for name in unused) + ".")
